@@ -1,0 +1,1 @@
+"""Everything that knows pysyncobj: adapter, transport, journal, wire codec and snapshots."""

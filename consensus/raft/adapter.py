@@ -1,0 +1,394 @@
+"""The one place that drives pysyncobj: a hardened SyncObj wired to our journal, transport, snapshots and apply."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pysyncobj.syncobj
+from nacl.signing import SigningKey
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.monotonic import monotonic as monotonic_time
+from pysyncobj.node import TCPNode
+
+from config.schema import Genesis, NodeRole, NodeSpec, RaftConfig
+from consensus.entries import SignedEntry
+from consensus.raft.journal import DurableJournal, JournalError, JournalObserver
+from consensus.raft.snapshot import (
+    SnapshotError,
+    SnapshotHeader,
+    read_header,
+    restore_from_snapshot,
+    write_snapshot,
+)
+from consensus.raft.transport import PeerIdentity, SecureTransport, TransportObserver
+from storage.rules import AppliedBatch, apply_batch, apply_no_op
+from storage.state import LedgerStore
+
+logger = logging.getLogger("tonle.raft")
+
+# pysyncobj prefixes every log command with one type byte (syncobj.py `_COMMAND_TYPE`). We only ever
+# submit REGULAR commands whose remaining bytes are a batch; the leader's NO_OP marks each new term.
+command_type_regular = b"\x00"
+command_type_no_op = b"\x01"
+
+# Raft entries stay far below pysyncobj's chunked-transmission threshold (see consensus/batch.py), and this
+# threshold is passed explicitly so the relation between the two is visible in one place.
+append_entries_batch_bytes = 2**16
+tick_period_seconds = 0.01
+status_refresh_seconds = 0.05
+socket_buffer_bytes = 2**20
+raft_commands_queue_max = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RaftStatus:
+    """A consistent picture of the Raft state, refreshed by the tick thread, readable from any thread."""
+
+    role: str  # "leader" | "follower" | "candidate" | "replica"
+    term: int
+    leader: str | None  # genesis node name
+    commit_index: int
+    last_log_index: int
+    raft_applied_index: int
+    has_quorum: bool
+    connected_peers: tuple[str, ...]
+    match_index: tuple[tuple[str, int], ...]
+    recovering_until_index: int
+    ready: bool
+
+
+class RaftEvents:
+    """Callbacks from the tick thread. The node overrides what it needs; each must return quickly."""
+
+    def applied(self, batch: AppliedBatch, apply_seconds: float) -> None: ...
+
+    def role_changed(self, old_role: str, new_role: str) -> None: ...
+
+    def prefetch(self, batch_bytes: bytes) -> None: ...
+
+    def before_apply(self, batch_bytes: bytes) -> None: ...
+
+    def fatal(self, message: str) -> None:
+        """Called when the node must stop: it must not return control to pysyncobj's apply loop."""
+        raise SystemExit(message)
+
+
+class _JournalRequest:
+    """Passed as `journalFile` so our factory (below) can tell our journals from pysyncobj's own."""
+
+    def __init__(self, journal: DurableJournal) -> None:
+        self.journal = journal
+
+
+_original_create_journal = pysyncobj.syncobj.createJournal
+
+
+def _create_journal(journal_file):
+    if isinstance(journal_file, _JournalRequest):
+        return journal_file.journal
+    return _original_create_journal(journal_file)
+
+
+# pysyncobj builds its journal through this module-level name during SyncObj.__init__; routing it through a
+# factory that only changes behaviour for our request objects keeps any other SyncObj in the process intact.
+pysyncobj.syncobj.createJournal = _create_journal
+
+_state_names = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+class _LedgerSyncObj(SyncObj):
+    """SyncObj with the apply, message intake and tick hooks that make it safe for a ledger.
+
+    The overridden names are pysyncobj 0.3.17 internals (name-mangled `_SyncObj__*` methods);
+    tests/unit/test_pysyncobj_pin.py fails if the installed pysyncobj is not the one they were written for.
+    """
+
+    def __init__(self, owner: RaftNode, self_address, other_addresses, conf, transport_class) -> None:
+        self._owner = owner
+        super().__init__(self_address, other_addresses, conf, transportClass=transport_class)
+
+    # Apply: exactly once per index, never raising into pysyncobj (an exception there retries forever and
+    # wedges every node alike, research/pysyncobj.md B4). No pickle: our bytes go straight to our decoder.
+    def _SyncObj__doApplyCommand(self, command: bytes):  # noqa: N802 - pysyncobj's name
+        self._owner._apply(self.raftLastApplied + 1, command)
+        return None
+
+    # Membership changes are disabled; this parser would otherwise unpickle log bytes.
+    def _SyncObj__parseChangeClusterRequest(self, command: bytes):  # noqa: N802
+        return None
+
+    def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802
+        message_type = message["type"]
+        if message_type == "request_vote" and self._owner._journal.recovery_floor_index:
+            # A node that lost acknowledged log entries must not help elect a leader that lacks them.
+            return
+        if message_type == "append_entries":
+            for command, _index, _term in message.get("entries", ()):
+                if command[:1] == command_type_regular:
+                    self._owner._events.prefetch(command[1:])
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _onTick(self, timeToWait=0.0):  # noqa: N802, N803 - pysyncobj's names
+        owner = self._owner
+        # The leader counts its own log toward commit at the start of a tick: make it durable first.
+        owner._sync_journal()
+        floor = owner._journal.recovery_floor_index
+        if floor:
+            if owner._journal.last_index >= floor and self.raftCommitIndex >= floor:
+                owner._journal.clear_recovery_floor()
+                logger.warning("journal refilled up to index %d; this node votes again", floor)
+            else:
+                # Do not campaign either: a shortened log could win votes from equally short logs.
+                self._SyncObj__raftElectionDeadline = monotonic_time() + owner._raft_config.election_timeout_max_ms / 1000
+        super()._onTick(timeToWait)
+
+
+class RaftNode:
+    """A validator (voting) or institution (read-only replica) node's Raft engine."""
+
+    def __init__(
+        self,
+        *,
+        genesis: Genesis,
+        node: NodeSpec,
+        node_key: SigningKey,
+        data_dir: Path,
+        raft_config: RaftConfig,
+        store: LedgerStore,
+        verify: Callable[[SignedEntry], bool],
+        events: RaftEvents,
+        transport_observer: TransportObserver | None = None,
+        journal_observer: JournalObserver | None = None,
+    ) -> None:
+        self._genesis = genesis
+        self._node = node
+        self._raft_config = raft_config
+        self._store = store
+        self._verify = verify
+        self._events = events
+        raft_directory = data_dir / "raft"
+        raft_directory.mkdir(parents=True, exist_ok=True)
+        self._snapshot_path = raft_directory / "snapshot.bin"
+        self._journal = DurableJournal(raft_directory / "journal", fsync_enabled=True, observer=journal_observer)
+        self._repair_damaged_snapshot()
+        self._name_by_address = {str(v.raft_address): v.name for v in genesis.validators}
+        self._status = RaftStatus("follower", 0, None, 0, 0, 0, False, (), (), 0, False)
+        self._status_refreshed = 0.0
+        self._apply_lock = threading.Lock()
+
+        peers = {
+            spec.name: PeerIdentity(spec.name, str(spec.role), spec.public_key, str(spec.raft_address))
+            for spec in genesis.nodes
+        }
+        transport_class = functools.partial(
+            SecureTransport,
+            cluster_id=genesis.cluster_id,
+            self_name=node.name,
+            signing_key=node_key,
+            peers=peers,
+            before_send=self._sync_journal,
+            observer=transport_observer,
+        )
+        validator_addresses = [str(v.raft_address) for v in genesis.validators]
+        is_validator = node.role is NodeRole.VALIDATOR
+        self_address = str(node.raft_address) if is_validator else None
+        others = [address for address in validator_addresses if address != self_address]
+        config = raft_config
+        conf = SyncObjConf(
+            password=None,  # the transport authenticates and encrypts every connection itself
+            autoTick=True,
+            autoTickPeriod=tick_period_seconds,
+            commandsQueueSize=raft_commands_queue_max,
+            raftMinTimeout=config.election_timeout_min_ms / 1000,
+            raftMaxTimeout=config.election_timeout_max_ms / 1000,
+            appendEntriesPeriod=config.heartbeat_interval_ms / 1000,
+            connectionTimeout=config.connection_timeout_ms / 1000,
+            connectionRetryTime=config.connection_retry_ms / 1000,
+            leaderFallbackTimeout=config.leader_fallback_timeout_ms / 1000,
+            # Send each batch as soon as it is proposed instead of once per heartbeat period: pysyncobj's
+            # batch mode adds ~100 ms to every commit. Entries are already batches of transfers.
+            appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=append_entries_batch_bytes,
+            bindAddress=self_address,
+            preferredAddrType="ipv4",
+            sendBufferSize=socket_buffer_bytes,
+            recvBufferSize=socket_buffer_bytes,
+            dnsCacheTime=600.0,
+            dnsFailCacheTime=30.0,
+            logCompactionMinEntries=config.log_compaction_entries,
+            logCompactionMinTime=config.log_compaction_interval_seconds,
+            logCompactionSplit=False,
+            logCompactionBatchSize=append_entries_batch_bytes,
+            commandsWaitLeader=False,
+            fullDumpFile=str(self._snapshot_path),
+            journalFile=_JournalRequest(self._journal),
+            bindRetryTime=1.0,
+            maxBindRetries=5,
+            onReady=None,
+            onStateChanged=self._on_state_changed,
+            dynamicMembershipChange=False,
+            pollerType="auto",
+            useFork=False,
+            serializer=self._serialize,
+            serializeChecker=None,
+            deserializer=self._deserialize,
+            onCodeVersionChanged=None,
+            tcp_keepalive=(16, 3, 5),
+        )
+        self._syncobj = _LedgerSyncObj(self, self_address, others, conf, transport_class)
+        self._syncobj.addOnTickCallback(self._refresh_status)
+
+    def _sync_journal(self) -> None:
+        """fsync before anything counts the log: a failed fsync stops the node (never retried: the kernel
+        may already have dropped the pages it failed to write)."""
+        try:
+            self._journal.sync()
+        except JournalError as error:
+            self._events.fatal(f"journal fsync failed: {error}")
+            raise
+
+    # Proposals ------------------------------------------------------------------------------------------
+
+    def propose(self, batch_bytes: bytes, callback: Callable[[bool, str], None]) -> None:
+        """Append a batch to the log (leader only). `callback(committed, reason)` may never be called:
+        outcomes are read from applied state, callbacks only speed up failure reports."""
+
+        def done(_result, error) -> None:
+            callback(error == FAIL_REASON.SUCCESS, _fail_reason_name(error))
+
+        self._syncobj._applyCommand(command_type_regular + batch_bytes, done, None)
+
+    # Status ---------------------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> RaftStatus:
+        return self._status
+
+    def is_leader(self) -> bool:
+        return self._syncobj._isLeader()
+
+    def leader_name(self) -> str | None:
+        leader = self._syncobj._getLeader()
+        return None if leader is None else self._name_by_address.get(leader.id)
+
+    def destroy(self) -> None:
+        self._syncobj.destroy_synchronous()
+        self._journal._destroy()
+
+    def _refresh_status(self) -> None:
+        now = monotonic_time()
+        if now - self._status_refreshed < status_refresh_seconds:
+            return
+        self._status_refreshed = now
+        status = self._syncobj.getStatus()
+        leader = status["leader"]
+        if self._node.role is NodeRole.INSTITUTION:
+            role = "replica"
+        else:
+            role = _state_names.get(status["state"], "follower")
+        connected = []
+        match = []
+        for address, name in self._name_by_address.items():
+            if status.get(f"partner_node_status_server_{address}") == 2:
+                connected.append(name)
+            if f"match_idx_server_{address}" in status:
+                match.append((name, status[f"match_idx_server_{address}"]))
+        self._status = RaftStatus(
+            role=role,
+            term=status["raft_term"],
+            leader=None if leader is None else self._name_by_address.get(leader.id),
+            commit_index=status["commit_idx"],
+            last_log_index=self._journal.last_index,
+            raft_applied_index=status["last_applied"],
+            has_quorum=status["has_quorum"],
+            connected_peers=tuple(sorted(connected)),
+            match_index=tuple(sorted(match)),
+            recovering_until_index=self._journal.recovery_floor_index,
+            ready=self._syncobj.isReady(),
+        )
+
+    def _on_state_changed(self, old_state: int, new_state: int) -> None:
+        if self._node.role is NodeRole.VALIDATOR:
+            self._events.role_changed(_state_names.get(old_state, "?"), _state_names.get(new_state, "?"))
+
+    # Apply ----------------------------------------------------------------------------------------------
+
+    def _apply(self, index: int, command: bytes) -> None:
+        try:
+            regular = command[:1] == command_type_regular
+            if regular:
+                self._events.before_apply(command[1:])
+            started = monotonic_time()
+            with self._apply_lock, self._store.write() as transaction:
+                if regular:
+                    applied = apply_batch(
+                        transaction, index, command[1:], self._verify, self._genesis.cluster_id
+                    )
+                else:
+                    apply_no_op(transaction, index)
+                    applied = None
+            if applied is not None:
+                self._events.applied(applied, monotonic_time() - started)
+        except BaseException as error:  # noqa: BLE001 - any failure here must stop the node, not wedge it
+            logger.critical("apply of index %d failed; stopping: %r", index, error, exc_info=True)
+            self._events.fatal(f"apply of raft index {index} failed: {error!r}")
+            raise
+
+    # Snapshots ------------------------------------------------------------------------------------------
+
+    def _serialize(self, file_name: str, raft_data) -> None:
+        last_entry, previous_entry, _cluster = raft_data
+        with self._apply_lock:
+            summary = self._store.summary()
+            header = SnapshotHeader(
+                cluster_id=self._genesis.cluster_id,
+                last_entry=tuple(last_entry),
+                previous_entry=tuple(previous_entry),
+                voters=tuple(str(v.raft_address) for v in self._genesis.validators),
+                applied_index=summary.applied_index,
+                state_hash=summary.state_hash,
+            )
+            write_snapshot(Path(file_name), self._store, header)
+        logger.info("wrote snapshot at raft index %d (state applied to %d)", last_entry[1], summary.applied_index)
+
+    def _deserialize(self, file_name: str):
+        """Called by pysyncobj at start-up and when a leader sends a snapshot. Rolls forward only."""
+        with self._apply_lock:
+            header, installed = restore_from_snapshot(Path(file_name), self._store, self._genesis.cluster_id)
+        if installed:
+            logger.warning("installed snapshot: state now at index %d", header.applied_index)
+        else:
+            logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
+        voters = {TCPNode(address) for address in header.voters}
+        return (header.last_entry, header.previous_entry, voters)
+
+    def _repair_damaged_snapshot(self) -> None:
+        """A damaged local snapshot file would leave pysyncobj unable to find where its log starts; when the
+        state already covers the log's first entries, write a fresh snapshot from the state instead."""
+        if not self._snapshot_path.exists():
+            return
+        try:
+            read_header(self._snapshot_path)
+            return
+        except SnapshotError as error:
+            problem = error
+        applied = self._store.summary().applied_index
+        if len(self._journal) >= 2 and self._journal[1][1] <= applied:
+            logger.error("snapshot file is damaged (%s); rewriting it from the state at index %d", problem, applied)
+            self._serialize(str(self._snapshot_path), (self._journal[1], self._journal[0], None))
+            return
+        self._events.fatal(
+            f"snapshot file {self._snapshot_path} is damaged ({problem}) and the state does not cover the log "
+            "start; restore this node's data directory from a healthy peer"
+        )
+
+
+def _fail_reason_name(code) -> str:
+    names = {value: name.lower() for name, value in vars(FAIL_REASON).items() if not name.startswith("_")}
+    return names.get(code, f"reason_{code}")

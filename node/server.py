@@ -1,0 +1,526 @@
+"""The node process: storage, Raft, the proposer, the client API and the admin listener, on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from config.keys import load_signing_key
+from config.schema import Genesis, NodeConfig, NodeRole
+from consensus.batch import Checkpoint
+from consensus.entries import EntryError, SignedEntry, decode_entry, entry_key
+from consensus.proposer import Proposer, ProposerLimits
+from consensus.raft.adapter import RaftEvents, RaftNode
+from node.metrics import NodeMetrics
+from node.protocol import (
+    ERROR_BUSY,
+    ERROR_NO_LEADER,
+    STATUS_APPLIED,
+    STATUS_REJECTED,
+    STATUS_UNKNOWN,
+    BalanceRequest,
+    LookupTransferRequest,
+    Request,
+    SimpleRequest,
+    SubmitRequest,
+)
+from node.verifier import SignatureVerifier
+from storage import queries
+from storage.rules import AppliedBatch, initialize
+from storage.state import LedgerStore, open_store
+
+logger = logging.getLogger("tonle.node")
+
+# Bounds on what one node holds in memory on behalf of clients.
+proposals_in_flight_max = 32
+outcome_waiters_max = 200_000
+state_hash_history_max = 100_000
+apply_lag_entries_max = 64
+fatal_exit_code = 70
+forward_timeout_seconds = 5.0
+
+
+class StartupError(RuntimeError):
+    """The node cannot start with this configuration or data directory; the message says why."""
+
+
+@dataclass(slots=True)
+class _Proposal:
+    entries: list[bytes]
+    proposed_at: float
+
+
+class _Events(RaftEvents):
+    """Raft callbacks (tick thread) forwarded to the node; only thread-safe work happens here."""
+
+    def __init__(self, node: LedgerNode) -> None:
+        self._node = node
+
+    def applied(self, batch: AppliedBatch, apply_seconds: float) -> None:
+        node = self._node
+        node.metrics.apply.observe(apply_seconds)
+        node.metrics.batch_entries.observe(len(batch.outcomes))
+        for outcome in batch.outcomes:
+            node.metrics.entries_applied.labels(outcome.result).inc()
+        node.metrics.applied_index.set(batch.index)
+        node.loop.call_soon_threadsafe(node.on_applied, batch)
+
+    def before_apply(self, batch_bytes: bytes) -> None:
+        self._node.verifier.wait_for_batch(batch_bytes)
+
+    def prefetch(self, batch_bytes: bytes) -> None:
+        self._node.verifier.prefetch(batch_bytes)
+
+    def role_changed(self, old_role: str, new_role: str) -> None:
+        logger.info("raft role %s -> %s", old_role, new_role, extra={"event": "role_changed"})
+
+    def fatal(self, message: str) -> None:
+        logger.critical("stopping the node: %s", message)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(fatal_exit_code)
+
+
+class LedgerNode:
+    """One Tonle node. Construct, then `await run(stop)` on the event loop of the main thread."""
+
+    def __init__(self, config: NodeConfig, genesis: Genesis) -> None:
+        self.config = config
+        self.genesis = genesis
+        self.spec = genesis.node(config.name)
+        self.node_key = load_signing_key(config.key_file)
+        if bytes(self.node_key.verify_key) != self.spec.public_key:
+            raise StartupError(
+                f"key file {config.key_file} does not hold the key the genesis names for node {self.spec.name}"
+            )
+        self.metrics = NodeMetrics(self.spec.name, str(self.spec.role))
+        self.store = open_store(config.data_dir, map_size_bytes=config.storage.map_size_bytes, sync=config.storage.sync)
+        self._initialize_state()
+        self.verifier = SignatureVerifier(
+            threads=max(2, os.cpu_count() or 2), count_verified=self.metrics.signatures_verified.inc
+        )
+        self.proposer = Proposer(
+            ProposerLimits(
+                batch_bytes_max=config.proposer.batch_bytes_max,
+                queue_entries_max=config.proposer.queue_entries_max,
+                batch_delay_microseconds=config.proposer.batch_delay_microseconds,
+            )
+        )
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run()
+        self.raft: RaftNode = None  # type: ignore[assignment]
+        self._waiters: dict[bytes, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._waiter_count = 0
+        self._proposals: dict[int, _Proposal] = {}
+        self._proposal_counter = 0
+        self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._state_hash_history: OrderedDict[int, bytes] = OrderedDict()
+        self._last_applied: AppliedBatch | None = None
+        self._diverged = False
+        self._forwarder: Forwarder | None = None
+        self._last_leader: str | None = None
+
+    # Start-up -------------------------------------------------------------------------------------------
+
+    def _initialize_state(self) -> None:
+        with self.store.write() as transaction:
+            identity = transaction.identity()
+            if identity is None:
+                initialize(transaction, self.genesis)
+                logger.info("initialised state for network %s", self.genesis.cluster_id)
+                return
+            cluster_id, digest = identity
+            if cluster_id != self.genesis.cluster_id or digest != self.genesis.digest:
+                raise StartupError(
+                    f"data directory {self.config.data_dir} belongs to network {cluster_id!r} with another "
+                    "genesis; refusing to start (use a fresh data directory for this network)"
+                )
+
+    def start_raft(self) -> None:
+        """Construct the Raft engine. Must run in the thread that lives as long as the node (pysyncobj's
+        tick thread stops when its constructing thread ends)."""
+        from node.observers import JournalMetrics, TransportMetrics
+
+        self.raft = RaftNode(
+            genesis=self.genesis,
+            node=self.spec,
+            node_key=self.node_key,
+            data_dir=self.config.data_dir,
+            raft_config=self.config.raft,
+            store=self.store,
+            verify=self.verifier.is_valid,
+            events=_Events(self),
+            transport_observer=TransportMetrics(self.metrics),
+            journal_observer=JournalMetrics(self.metrics),
+        )
+
+    def close(self) -> None:
+        if self.raft is not None:
+            self.raft.destroy()
+        self.verifier.close()
+        self.store.close()
+
+    # Applied outcomes (event loop) ------------------------------------------------------------------------
+
+    def on_applied(self, batch: AppliedBatch) -> None:
+        self._last_applied = batch
+        history = self._state_hash_history
+        history[batch.index] = batch.state_hash
+        while len(history) > state_hash_history_max:
+            history.popitem(last=False)
+        self._check_checkpoint(batch.checkpoint)
+        for outcome in batch.outcomes:
+            if outcome.key is None:
+                continue
+            waiters = self._waiters.pop(outcome.key, None)
+            if not waiters:
+                continue
+            reply = {
+                "status": STATUS_APPLIED,
+                "result": outcome.result,
+                "index": batch.index,
+                "original": outcome.original_result,
+            }
+            for waiter in waiters:
+                self._waiter_count -= 1
+                if not waiter.done():
+                    waiter.set_result(reply)
+
+    def _check_checkpoint(self, checkpoint: Checkpoint | None) -> None:
+        if checkpoint is None:
+            return
+        own = self._state_hash_history.get(checkpoint.index)
+        if own is None or own == checkpoint.state_hash:
+            return
+        self.metrics.state_divergence.inc()
+        self.metrics.state_diverged.set(1)
+        self._diverged = True
+        logger.critical(
+            "state divergence at index %d: leader has %s, this node has %s",
+            checkpoint.index,
+            checkpoint.state_hash.hex(),
+            own.hex(),
+            extra={"event": "state_divergence", "index": checkpoint.index},
+        )
+
+    @property
+    def diverged(self) -> bool:
+        return self._diverged
+
+    # Intake (event loop) -----------------------------------------------------------------------------------
+
+    async def submit(self, request: SubmitRequest) -> list[dict[str, Any]]:
+        """Check, verify and route a client's entries; wait for their outcomes (unless forwarded)."""
+        results: list[dict[str, Any] | None] = [None] * len(request.entries)
+        candidates: list[tuple[int, SignedEntry, bytes]] = []
+        for position, raw in enumerate(request.entries):
+            try:
+                entry = decode_entry(raw)
+                key = entry_key(entry.body())
+            except EntryError as error:
+                results[position] = self._rejected(error.code, error.message)
+                continue
+            if entry.cluster_id != self.genesis.cluster_id:
+                results[position] = self._rejected(
+                    "wrong_network", f"entry is for network {entry.cluster_id!r}, this is {self.genesis.cluster_id!r}"
+                )
+                continue
+            candidates.append((position, entry, key))
+        if candidates:
+            started = time.perf_counter()
+            futures = self.verifier.verify_many([entry for _, entry, _ in candidates])
+            validity: list[bool] = []
+            for future in futures:
+                validity.extend(await asyncio.wrap_future(future))
+            self.metrics.signature_verification.observe(time.perf_counter() - started)
+            accepted = []
+            for (position, entry, key), valid in zip(candidates, validity, strict=True):
+                if valid:
+                    accepted.append((position, entry, key))
+                else:
+                    results[position] = self._rejected(
+                        "signature_invalid", "the signature does not verify for this network, kind and body"
+                    )
+            if accepted:
+                await self._route(request, accepted, results)
+        return [result if result is not None else self._unknown("internal") for result in results]
+
+    def _rejected(self, code: str, message: str) -> dict[str, Any]:
+        self.metrics.entries_rejected.labels(code).inc()
+        return {"status": STATUS_REJECTED, "result": code, "message": message, "index": None, "original": None}
+
+    @staticmethod
+    def _unknown(reason: str) -> dict[str, Any]:
+        return {"status": STATUS_UNKNOWN, "result": reason, "index": None, "original": None}
+
+    async def _route(
+        self,
+        request: SubmitRequest,
+        accepted: list[tuple[int, SignedEntry, bytes]],
+        results: list[dict[str, Any] | None],
+    ) -> None:
+        if not request.forwarded and self._waiter_count + len(accepted) > outcome_waiters_max:
+            for position, _, _ in accepted:
+                results[position] = self._rejected(ERROR_BUSY, "too many outcomes awaited; retry later")
+            return
+        raws = [entry.raw for _, entry, _ in accepted]
+        if self.raft.is_leader():
+            if not self.proposer.offer(raws, _now_microseconds()):
+                for position, _, _ in accepted:
+                    results[position] = self._rejected(ERROR_BUSY, "the proposer queue is full; retry later")
+                return
+            self.metrics.proposer_queue.set(len(self.proposer))
+            self._schedule_flush()
+            if request.forwarded:
+                for position, _, _ in accepted:
+                    results[position] = {"status": "accepted", "result": "queued", "index": None, "original": None}
+                return
+        elif request.forwarded:
+            for position, _, _ in accepted:
+                results[position] = self._rejected(ERROR_NO_LEADER, "this node is not the leader")
+            return
+        waiters = [(position, self._await_outcome(key)) for position, _, key in accepted]
+        if not self.raft.is_leader():
+            refusals = await self._forward(raws)
+            for (_position, waiter), refusal in zip(waiters, refusals, strict=True):
+                if refusal is not None and not waiter.done():
+                    waiter.set_result(self._rejected(refusal, f"the leader did not take the entry: {refusal}"))
+        timeout_seconds = self.config.api.request_timeout_ms / 1000
+        done, _pending = await asyncio.wait([waiter for _, waiter in waiters], timeout=timeout_seconds)
+        for (position, _, key), (_, waiter) in zip(accepted, waiters, strict=True):
+            if waiter in done:
+                results[position] = waiter.result()
+            else:
+                waiter.cancel()
+                results[position] = self._outcome_from_state(key) or self._unknown("timeout")
+
+    def _await_outcome(self, key: bytes) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._waiters.setdefault(key, []).append(future)
+        self._waiter_count += 1
+        future.add_done_callback(lambda done, key=key: self._forget_waiter(key, done))
+        return future
+
+    def _forget_waiter(self, key: bytes, future: asyncio.Future[dict[str, Any]]) -> None:
+        waiters = self._waiters.get(key)
+        if waiters and future in waiters:
+            waiters.remove(future)
+            self._waiter_count -= 1
+            if not waiters:
+                del self._waiters[key]
+
+    def _outcome_from_state(self, key: bytes) -> dict[str, Any] | None:
+        if not key.startswith(b"t"):
+            return None
+        with self.store.read() as transaction:
+            record = queries.transfer(transaction, key[1:])
+        if record is None:
+            return None
+        return {"status": STATUS_APPLIED, "result": record["result"], "index": record["index"], "original": None}
+
+    def _fail_waiters(self, entries: list[bytes], reason: str) -> None:
+        for raw in entries:
+            try:
+                key = entry_key(decode_entry(raw).body())
+            except EntryError:
+                continue
+            for waiter in self._waiters.get(key, [])[:]:
+                if not waiter.done():
+                    waiter.set_result(self._unknown(reason))
+
+    async def _forward(self, raws: list[bytes]) -> list[str | None]:
+        """Pass entries to the leader; per entry, None if it took them or the reason it did not."""
+        leader = self.raft.leader_name()
+        if leader is None:
+            return [ERROR_NO_LEADER] * len(raws)
+        if self._forwarder is None or self._forwarder.leader != leader:
+            if self._forwarder is not None:
+                self._forwarder.close()
+            self._forwarder = Forwarder(leader, str(self.genesis.node(leader).client_address), self.config.api.frame_bytes_max)
+        return await self._forwarder.forward(raws)
+
+    # Proposer (event loop) -------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:
+            return
+        if not self._proposals or self.proposer.has_full_batch():
+            self._flush_handle = self.loop.call_soon(self._flush)
+            return
+        due = self.proposer.due_microseconds()
+        if due is None:
+            return
+        delay_seconds = max(0, due - _now_microseconds()) / 1_000_000
+        self._flush_handle = self.loop.call_later(delay_seconds, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self.raft.is_leader():
+            stranded = self.proposer.take_all()
+            if stranded:
+                self._fail_waiters(stranded, ERROR_NO_LEADER)
+            return
+        while len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
+            due = self.proposer.due_microseconds()
+            now = _now_microseconds()
+            if self._proposals and not self.proposer.has_full_batch() and due is not None and now < due:
+                break
+            started = time.perf_counter()
+            checkpoint = None
+            if self._last_applied is not None:
+                checkpoint = Checkpoint(self._last_applied.index, self._last_applied.state_hash)
+            taken = self.proposer.take_batch(int(time.time() * 1000), checkpoint, now)
+            if taken is None:
+                break
+            batch_bytes, entries = taken
+            self.metrics.batch_build.observe(time.perf_counter() - started)
+            self._propose(batch_bytes, entries)
+        self.metrics.proposer_queue.set(len(self.proposer))
+        if len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
+            self._schedule_flush()
+
+    def _propose(self, batch_bytes: bytes, entries: list[bytes]) -> None:
+        self._proposal_counter += 1
+        number = self._proposal_counter
+        self._proposals[number] = _Proposal(entries, time.perf_counter())
+        self.metrics.proposals.inc()
+        self.metrics.proposals_pending.set(len(self._proposals))
+        loop = self.loop
+
+        def done(committed: bool, reason: str) -> None:  # tick thread, or this thread on a full queue
+            loop.call_soon_threadsafe(self._proposal_done, number, committed, reason)
+
+        self.raft.propose(batch_bytes, done)
+        # Callbacks can be lost (research/pysyncobj.md §2); never hold a slot longer than a request waits.
+        self.loop.call_later(self.config.api.request_timeout_ms / 1000, self._proposal_done, number, False, "timeout")
+
+    def _proposal_done(self, number: int, committed: bool, reason: str) -> None:
+        proposal = self._proposals.pop(number, None)
+        if proposal is None:
+            return
+        self.metrics.proposals_pending.set(len(self._proposals))
+        if committed:
+            self.metrics.replication.observe(time.perf_counter() - proposal.proposed_at)
+        else:
+            self.metrics.proposals_failed.labels(reason).inc()
+            # Not committed at its slot: tell the waiting clients at once so they retry with the same ids
+            # (an id already applied anyway answers `exists`).
+            self._fail_waiters(proposal.entries, f"not_committed:{reason}")
+        if len(self.proposer):
+            self._schedule_flush()
+
+    # Queries ------------------------------------------------------------------------------------------------
+
+    def handle_query(self, request: Request) -> dict[str, Any]:
+        with self.store.read() as transaction:
+            if isinstance(request, LookupTransferRequest):
+                record = queries.transfer(transaction, request.transfer_id)
+                return {"found": record is not None, "transfer": record}
+            if isinstance(request, BalanceRequest):
+                balance = queries.balance(transaction, request.account)
+                return {"found": balance is not None, "balance": balance}
+            if isinstance(request, SimpleRequest) and request.operation == "totals":
+                return {"totals": queries.totals(transaction), **self._position(transaction)}
+            if isinstance(request, SimpleRequest) and request.operation == "accounts":
+                return {"accounts": queries.accounts(transaction)}
+        return {"status": self.status()}
+
+    def _position(self, transaction) -> dict[str, Any]:
+        summary = transaction.summary()
+        return {"applied_index": summary.applied_index, "state_hash": summary.state_hash.hex()}
+
+    def status(self) -> dict[str, Any]:
+        raft = self.raft.status
+        summary = self.store.summary()
+        return {
+            "name": self.spec.name,
+            "node_role": str(self.spec.role),
+            "institution": self.spec.institution,
+            "cluster_id": self.genesis.cluster_id,
+            "role": raft.role,
+            "term": raft.term,
+            "leader": raft.leader,
+            "commit_index": raft.commit_index,
+            "last_log_index": raft.last_log_index,
+            "applied_index": summary.applied_index,
+            "state_hash": summary.state_hash.hex(),
+            "cluster_time_ms": summary.cluster_time_ms,
+            "connected_peers": list(raft.connected_peers),
+            "recovering_until_index": raft.recovering_until_index,
+            "proposer_queue_entries": len(self.proposer),
+            "proposals_in_flight": len(self._proposals),
+            "diverged": self._diverged,
+            "ready": self.readiness()[0],
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, tuple[bool, str]]]:
+        """Named readiness checks, Kubernetes style: all must pass for /readyz to answer 200."""
+        raft = self.raft.status
+        applied = self.metrics_applied_index()
+        checks = {
+            "storage": (True, "open"),
+            "leader": (raft.leader is not None, f"leader {raft.leader}" if raft.leader else "no leader known"),
+            "caught_up": (
+                raft.ready and applied >= raft.commit_index - apply_lag_entries_max,
+                f"applied {applied}, commit {raft.commit_index}",
+            ),
+            "not_diverged": (not self._diverged, "state hash matches the leader's checkpoints" if not self._diverged else "state diverged"),
+        }
+        return all(ok for ok, _ in checks.values()), checks
+
+    def metrics_applied_index(self) -> int:
+        return self.store.summary().applied_index
+
+    def refresh_gauges(self) -> None:
+        raft = self.raft.status
+        metrics = self.metrics
+        metrics.is_leader.set(1 if raft.role == "leader" else 0)
+        metrics.has_leader.set(1 if raft.leader else 0)
+        if raft.leader != self._last_leader:
+            if raft.leader is not None:
+                metrics.leader_changes.inc()
+            self._last_leader = raft.leader
+        metrics.term.set(raft.term)
+        metrics.commit_index.set(raft.commit_index)
+        metrics.last_log_index.set(raft.last_log_index)
+        metrics.recovering.set(1 if raft.recovering_until_index else 0)
+        metrics.applied_index.set(self.metrics_applied_index())
+        for validator in self.genesis.validators:
+            if validator.name != self.spec.name:
+                metrics.peer_connected.labels(validator.name).set(1 if validator.name in raft.connected_peers else 0)
+        metrics.storage_used.set(self.store.used_bytes())
+        metrics.storage_map_size.set(self.store.map_size_bytes())
+
+
+class Forwarder:
+    """Passes entries submitted to a follower or replica on to the leader's client API."""
+
+    def __init__(self, leader: str, address: str, frame_bytes_max: int) -> None:
+        from node.client import AsyncClient
+
+        self.leader = leader
+        self._client = AsyncClient(address, frame_bytes_max=frame_bytes_max)
+
+    async def forward(self, raws: list[bytes]) -> list[str | None]:
+        from node.client import ClientError
+
+        try:
+            results = await self._client.submit_raw(raws, forwarded=True, timeout_seconds=forward_timeout_seconds)
+        except (ClientError, OSError, asyncio.TimeoutError) as error:
+            logger.warning("forwarding to leader %s failed: %s", self.leader, error)
+            self.close()
+            # Whether the leader took them is unknown: the waiters stay and learn it from the log.
+            return [None] * len(raws)
+        return [None if result["status"] == "accepted" else result["result"] for result in results]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _now_microseconds() -> int:
+    return time.monotonic_ns() // 1000
+

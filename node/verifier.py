@@ -1,0 +1,112 @@
+"""Signature verification in a thread pool, done once per entry per node, ahead of the apply."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from consensus.batch import BatchError, decode_batch
+from consensus.entries import EntryError, SignedEntry, decode_entry, signature_is_valid
+
+# Verified entries are remembered by a digest of their full bytes (never by signature alone: a cached
+# signature paired with another body must not pass). Bounded so memory stays flat under any load.
+verified_cache_entries_max = 1 << 18
+pending_batches_max = 4096
+verification_chunk_entries = 64
+digest_bytes = 16
+
+
+def entry_digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=digest_bytes).digest()
+
+
+class SignatureVerifier:
+    """PyNaCl releases the GIL, so verification in threads runs beside the tick thread and the loop.
+
+    The leader verifies entries on intake; followers start verifying a batch as soon as it arrives in an
+    append_entries message, so by the time it commits the apply finds every signature already checked.
+    """
+
+    def __init__(self, threads: int, count_verified: Callable[[int], None] = lambda count: None) -> None:
+        self._count_verified = count_verified
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
+        self._lock = threading.Lock()
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._pending_batches: OrderedDict[bytes, Future[None]] = OrderedDict()
+        self.cache_hits = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _remember(self, digests: list[bytes]) -> None:
+        with self._lock:
+            for digest in digests:
+                self._verified[digest] = None
+            while len(self._verified) > verified_cache_entries_max:
+                self._verified.popitem(last=False)
+
+    def _verify_chunk(self, entries: list[SignedEntry]) -> list[bool]:
+        results = [signature_is_valid(entry) for entry in entries]
+        self._remember([entry_digest(entry.raw) for entry, valid in zip(entries, results, strict=True) if valid])
+        self._count_verified(len(entries))
+        return results
+
+    def verify_many(self, entries: list[SignedEntry]) -> list[Future[list[bool]]]:
+        """Intake: verify in chunks across the pool; the futures' results are in `entries` order."""
+        return [
+            self._executor.submit(self._verify_chunk, entries[start : start + verification_chunk_entries])
+            for start in range(0, len(entries), verification_chunk_entries)
+        ]
+
+    def prefetch(self, batch_bytes: bytes) -> None:
+        """Follower: start verifying a batch that just arrived from the leader (tick thread; returns at once)."""
+        key = entry_digest(batch_bytes)
+        with self._lock:
+            if key in self._pending_batches:
+                return
+            future = self._executor.submit(self._verify_batch, batch_bytes)
+            self._pending_batches[key] = future
+            while len(self._pending_batches) > pending_batches_max:
+                self._pending_batches.popitem(last=False)
+
+    def _verify_batch(self, batch_bytes: bytes) -> None:
+        try:
+            raws = decode_batch(batch_bytes).entries
+        except BatchError:
+            return
+        unverified = []
+        with self._lock:
+            for raw in raws:
+                if entry_digest(raw) not in self._verified:
+                    unverified.append(raw)
+        entries = []
+        for raw in unverified:
+            try:
+                entries.append(decode_entry(raw))
+            except EntryError:
+                continue
+        if entries:
+            self._verify_chunk(entries)
+
+    def wait_for_batch(self, batch_bytes: bytes) -> None:
+        """Apply: wait for the prefetch of this batch, if one was started, before its entries are checked."""
+        with self._lock:
+            future = self._pending_batches.pop(entry_digest(batch_bytes), None)
+        if future is not None:
+            future.result()
+
+    def is_valid(self, entry: SignedEntry) -> bool:
+        """The apply's check: answered from the cache when this node verified the entry already."""
+        digest = entry_digest(entry.raw)
+        with self._lock:
+            if digest in self._verified:
+                self.cache_hits += 1
+                return True
+        valid = signature_is_valid(entry)
+        self._count_verified(1)
+        if valid:
+            self._remember([digest])
+        return valid

@@ -1,0 +1,299 @@
+"""The LMDB environment of a node's ledger state: layout, checksummed records and the running state hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+schema_version = 1
+
+# Named databases. `meta` holds bookkeeping that is not part of the replicated state hash.
+_state_database_names = ("currencies", "institutions", "accounts", "balances", "transfers")
+_database_names = ("meta", *_state_database_names)
+databases_max = 16
+readers_max = 256
+
+# Every stored value ends in a short checksum over its database, key and payload, verified on every
+# read: LMDB has no page checksums, and a flipped bit in a balance must stop the node, not move money.
+value_checksum_bytes = 8
+# The state hash is an additive multiset hash (AdHash) of every state record, kept modulo 2^256 and
+# updated by each write, so two replicas with the same records have the same hash however they got them
+# (replay or snapshot), and a full recomputation can be compared against the stored value.
+state_hash_modulus = 1 << 256
+state_hash_bytes = 32
+
+_meta_applied_index = b"applied_index"
+_meta_state_hash = b"state_hash"
+_meta_cluster_time = b"cluster_time_ms"
+_meta_next_account_number = b"next_account_number"
+_meta_schema_version = b"schema_version"
+_meta_cluster_id = b"cluster_id"
+_meta_genesis_digest = b"genesis_digest"
+
+_u64 = struct.Struct(">Q")
+
+
+class StorageCorrupted(RuntimeError):
+    """A stored record failed its checksum or the layout is not what this version wrote. Fatal."""
+
+
+def _value_checksum(database: bytes, key: bytes, payload: bytes) -> bytes:
+    digest = hashlib.blake2b(digest_size=value_checksum_bytes, person=b"tonle-value-v1")
+    digest.update(len(database).to_bytes(1, "big"))
+    digest.update(database)
+    digest.update(len(key).to_bytes(2, "big"))
+    digest.update(key)
+    digest.update(payload)
+    return digest.digest()
+
+
+def _record_hash(database: bytes, key: bytes, payload: bytes) -> int:
+    digest = hashlib.blake2b(digest_size=state_hash_bytes, person=b"tonle-record-v1")
+    digest.update(len(database).to_bytes(1, "big"))
+    digest.update(database)
+    digest.update(len(key).to_bytes(2, "big"))
+    digest.update(key)
+    digest.update(payload)
+    return int.from_bytes(digest.digest(), "big")
+
+
+def _seal(database: bytes, key: bytes, payload: bytes) -> bytes:
+    return payload + _value_checksum(database, key, payload)
+
+
+def _open(database: bytes, key: bytes, stored: bytes) -> bytes:
+    payload = stored[:-value_checksum_bytes]
+    if len(stored) < value_checksum_bytes or _value_checksum(database, key, payload) != stored[-value_checksum_bytes:]:
+        raise StorageCorrupted(
+            f"record {database.decode()}/{key.hex()} fails its checksum: the data file is damaged; "
+            "stop this node and restore it from a healthy peer"
+        )
+    return payload
+
+
+@dataclass(frozen=True, slots=True)
+class StateSummary:
+    """Where a node's state stands: the last applied Raft index and the state hash after it."""
+
+    applied_index: int
+    state_hash: bytes
+    cluster_time_ms: int
+
+
+class LedgerStore:
+    """An open LMDB environment holding one node's ledger state."""
+
+    def __init__(self, path: Path, *, map_size_bytes: int, sync: bool = True, readonly: bool = False) -> None:
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # Options are spelled out: sync+metasync make a committed transaction durable before commit
+        # returns; writemap=False keeps a full disk an error instead of a SIGBUS (measured in
+        # research/reliability.md); readahead=False suits random access to a database larger than RAM.
+        self.environment = lmdb.open(
+            str(path),
+            map_size=map_size_bytes,
+            subdir=True,
+            readonly=readonly,
+            metasync=sync,
+            sync=sync,
+            map_async=False,
+            writemap=False,
+            readahead=False,
+            meminit=False,
+            max_readers=readers_max,
+            max_dbs=databases_max,
+            lock=not readonly,
+        )
+        self.databases = {
+            name: self.environment.open_db(name.encode(), create=not readonly) for name in _database_names
+        }
+
+    def close(self) -> None:
+        self.environment.close()
+
+    def write(self) -> StateTransaction:
+        return StateTransaction(self, self.environment.begin(write=True))
+
+    def read(self) -> StateTransaction:
+        return StateTransaction(self, self.environment.begin(write=False, buffers=False))
+
+    def summary(self) -> StateSummary:
+        with self.read() as transaction:
+            return transaction.summary()
+
+    def used_bytes(self) -> int:
+        info = self.environment.info()
+        stat = self.environment.stat()
+        return (info["last_pgno"] + 1) * stat["psize"]
+
+    def map_size_bytes(self) -> int:
+        return self.environment.info()["map_size"]
+
+    def copy_to(self, destination: Path) -> None:
+        """A consistent copy of the environment (a read transaction's view) into an empty directory."""
+        destination.mkdir(parents=True, exist_ok=True)
+        self.environment.copy(str(destination), compact=True)
+
+
+class StateTransaction:
+    """One LMDB transaction with typed, checksummed access and the state hash kept current.
+
+    Used as a context manager: leaving the block normally commits a write transaction, an exception
+    aborts it, so nothing is ever half-applied.
+    """
+
+    def __init__(self, store: LedgerStore, transaction: lmdb.Transaction) -> None:
+        self._store = store
+        self._transaction = transaction
+        self._databases = store.databases
+        self._state_hash: int | None = None
+        self._state_hash_changed = False
+
+    def __enter__(self) -> StateTransaction:
+        return self
+
+    def __exit__(self, exception_type, exception, traceback) -> None:
+        if exception_type is None:
+            self.commit()
+        else:
+            self._transaction.abort()
+
+    def commit(self) -> None:
+        if self._state_hash_changed and self._state_hash is not None:
+            self._put_meta(_meta_state_hash, self._state_hash.to_bytes(state_hash_bytes, "big"))
+        self._transaction.commit()
+
+    def abort(self) -> None:
+        self._transaction.abort()
+
+    # Raw checksummed access ---------------------------------------------------------------------------
+
+    def get(self, database: str, key: bytes) -> bytes | None:
+        stored = self._transaction.get(key, db=self._databases[database])
+        if stored is None:
+            return None
+        return _open(database.encode(), key, stored)
+
+    def put(self, database: str, key: bytes, payload: bytes) -> None:
+        """Write a state record and move the state hash from its old value to its new one."""
+        name = database.encode()
+        handle = self._databases[database]
+        old = self._transaction.get(key, db=handle)
+        state_hash = self._current_state_hash()
+        if old is not None:
+            state_hash -= _record_hash(name, key, _open(name, key, old))
+        state_hash += _record_hash(name, key, payload)
+        self._state_hash = state_hash % state_hash_modulus
+        self._state_hash_changed = True
+        self._transaction.put(key, _seal(name, key, payload), db=handle)
+
+    def items(self, database: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        name = database.encode()
+        with self._transaction.cursor(db=self._databases[database]) as cursor:
+            if not cursor.set_range(prefix):
+                return
+            for key, stored in cursor:
+                if not key.startswith(prefix):
+                    return
+                yield key, _open(name, key, stored)
+
+    # Meta ----------------------------------------------------------------------------------------------
+
+    def _get_meta(self, key: bytes) -> bytes | None:
+        return self.get("meta", key)
+
+    def _put_meta(self, key: bytes, payload: bytes) -> None:
+        # Meta is bookkeeping about the state, not state: it is sealed but not part of the state hash.
+        self._transaction.put(key, _seal(b"meta", key, payload), db=self._databases["meta"])
+
+    def _meta_int(self, key: bytes) -> int:
+        payload = self._get_meta(key)
+        return 0 if payload is None else _u64.unpack(payload)[0]
+
+    def _current_state_hash(self) -> int:
+        if self._state_hash is None:
+            payload = self._get_meta(_meta_state_hash)
+            self._state_hash = 0 if payload is None else int.from_bytes(payload, "big")
+        return self._state_hash
+
+    def applied_index(self) -> int:
+        return self._meta_int(_meta_applied_index)
+
+    def set_applied_index(self, index: int) -> None:
+        self._put_meta(_meta_applied_index, _u64.pack(index))
+
+    def cluster_time_ms(self) -> int:
+        return self._meta_int(_meta_cluster_time)
+
+    def set_cluster_time_ms(self, value: int) -> None:
+        self._put_meta(_meta_cluster_time, _u64.pack(value))
+
+    def take_account_number(self) -> int:
+        number = self._meta_int(_meta_next_account_number) + 1
+        self._put_meta(_meta_next_account_number, _u64.pack(number))
+        return number
+
+    def state_hash(self) -> bytes:
+        return self._current_state_hash().to_bytes(state_hash_bytes, "big")
+
+    def summary(self) -> StateSummary:
+        return StateSummary(
+            applied_index=self.applied_index(),
+            state_hash=self.state_hash(),
+            cluster_time_ms=self.cluster_time_ms(),
+        )
+
+    def identity(self) -> tuple[str, bytes] | None:
+        """(cluster id, genesis digest) this state was initialised for, or None for an empty store."""
+        cluster = self._get_meta(_meta_cluster_id)
+        if cluster is None:
+            return None
+        digest = self._get_meta(_meta_genesis_digest) or b""
+        return cluster.decode(), digest
+
+    def set_identity(self, cluster_id: str, genesis_digest: bytes) -> None:
+        self._put_meta(_meta_cluster_id, cluster_id.encode())
+        self._put_meta(_meta_genesis_digest, genesis_digest)
+        self._put_meta(_meta_schema_version, _u64.pack(schema_version))
+
+    def recompute_state_hash(self) -> bytes:
+        """The state hash computed from every record, to compare with the running value."""
+        total = 0
+        for database in _state_database_names:
+            name = database.encode()
+            with self._transaction.cursor(db=self._databases[database]) as cursor:
+                for key, stored in cursor:
+                    total += _record_hash(name, key, _open(name, key, stored))
+        return (total % state_hash_modulus).to_bytes(state_hash_bytes, "big")
+
+    def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
+        """Every record of every database, sealed bytes as stored: what a snapshot install copies."""
+        for database in _database_names:
+            with self._transaction.cursor(db=self._databases[database]) as cursor:
+                for key, stored in cursor:
+                    yield database, key, stored
+
+    def replace_all(self, records: Iterator[tuple[str, bytes, bytes]]) -> None:
+        """Drop every record and load `records` (as produced by `dump`), verifying each seal."""
+        for handle in self._databases.values():
+            self._transaction.drop(handle, delete=False)
+        for database, key, stored in records:
+            if database not in self._databases:
+                raise StorageCorrupted(f"snapshot names an unknown database {database!r}")
+            _open(database.encode(), key, stored)
+            self._transaction.put(key, stored, db=self._databases[database])
+        self._state_hash = None
+
+
+def open_store(data_dir: Path, *, map_size_bytes: int, sync: bool = True) -> LedgerStore:
+    """Open (creating if needed) the state environment under `data_dir/state`."""
+    path = data_dir / "state"
+    os.makedirs(path, exist_ok=True)
+    return LedgerStore(path, map_size_bytes=map_size_bytes, sync=sync)

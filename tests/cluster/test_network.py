@@ -1,0 +1,276 @@
+"""A working network: transfers through any node, bad input refused, leader loss, restarts and snapshots."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import struct
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from consensus.codec import pack
+from consensus.entries import EntryKind, decode_entry, signing_payload
+from node.client import Client, ClientError, new_transfer_id
+from node.cluster import LocalCluster, local_raft
+from node.protocol import decode_payload, encode_frame
+from tests.cluster.conftest import _remember, start_cluster
+
+pytestmark = pytest.mark.cluster
+
+
+def crafted_transfer(cluster: LocalCluster, fields: list, signer: str, *, cluster_id: str | None = None) -> bytes:
+    """Sign a transfer body the client library would refuse to build (bad amounts...)."""
+    network = cluster_id or cluster.cluster_id
+    body = pack([1, *fields])
+    key = cluster.institution_key(signer)
+    signature = key.sign(signing_payload(network, EntryKind.TRANSFER, body)).signature
+    return pack([1, network, int(EntryKind.TRANSFER), body, signer, bytes(key.verify_key), signature])
+
+
+def balances(cluster: LocalCluster, node: str, accounts: list[str]) -> list[int]:
+    with cluster.client(node) as client:
+        return [client.balance(account)["balance"] for account in accounts]
+
+
+def test_a_transfer_submitted_to_an_institution_node_is_applied_on_every_node(network):
+    entry = network.transfer("c1.khr@aba", "c2.khr@acleda", 777, "KHR")
+    with network.client("acleda-1") as client:
+        (result,) = client.submit([entry])
+    assert (result["status"], result["result"]) == ("applied", "ok")
+    transfer_id = decode_entry(entry).body().id
+    network.wait_converged()
+    for name in network.nodes:
+        with network.client(name) as client:
+            found = client.lookup_transfer(transfer_id)
+        assert found is not None and found["result"] == "ok" and found["amount"] == 777, name
+
+
+def _bad_inputs(cluster: LocalCluster) -> list[tuple[str, bytes, str, str]]:
+    """(case, entry, expected status, expected result) for every kind of bad input the issue lists."""
+    debit, credit = "c1.khr@aba", "c2.khr@acleda"
+    good = cluster.transfer(debit, credit, 10, "KHR")
+    broken_signature = good[:-1] + bytes([good[-1] ^ 0x01])
+    return [
+        ("wrong signature", broken_signature, "rejected", "signature_invalid"),
+        (
+            "signature of another institution",
+            crafted_transfer(cluster, [new_transfer_id(), debit, credit, 10, "KHR"], "acleda"),
+            "applied",
+            "signer_must_own_debit_account",
+        ),
+        (
+            "another network",
+            crafted_transfer(cluster, [new_transfer_id(), debit, credit, 10, "KHR"], "aba", cluster_id="tonle-elsewhere"),
+            "rejected",
+            "wrong_network",
+        ),
+        ("zero amount", crafted_transfer(cluster, [new_transfer_id(), debit, credit, 0, "KHR"], "aba"), "rejected", "amount_must_be_positive"),
+        ("negative amount", crafted_transfer(cluster, [new_transfer_id(), debit, credit, -10, "KHR"], "aba"), "rejected", "amount_must_be_positive"),
+        ("float amount", crafted_transfer(cluster, [new_transfer_id(), debit, credit, 10.0, "KHR"], "aba"), "rejected", "malformed_entry"),
+        ("oversized amount", crafted_transfer(cluster, [new_transfer_id(), debit, credit, 2**63, "KHR"], "aba"), "rejected", "amount_out_of_range"),
+        ("unknown debit account", cluster.transfer("nobody.khr@aba", credit, 10, "KHR"), "applied", "debit_account_not_found"),
+        ("unknown credit account", cluster.transfer(debit, "nobody.khr@acleda", 10, "KHR"), "applied", "credit_account_not_found"),
+        ("currency mismatch", cluster.transfer(debit, "c1.usd@acleda", 10, "KHR"), "applied", "accounts_must_have_the_same_currency"),
+    ]
+
+
+@pytest.mark.parametrize("node", ["v1", "v3", "aba-1"])
+def test_bad_entries_get_their_typed_error_and_change_nothing(network, node):
+    accounts = ["c1.khr@aba", "c2.khr@acleda", "c1.usd@acleda"]
+    before = balances(network, node, accounts)
+    for case, entry, status, result in _bad_inputs(network):
+        with network.client(node) as client:
+            (reply,) = client.submit([entry])
+        assert (reply["status"], reply["result"]) == (status, result), case
+    network.wait_converged()
+    assert balances(network, node, accounts) == before
+    with network.client(node) as client:
+        assert client.status()["ready"]
+
+
+def test_a_duplicate_id_with_a_different_body_is_refused_and_the_first_stands(network):
+    transfer_id = new_transfer_id()
+    first = network.transfer("c3.khr@aba", "c3.khr@acleda", 50, "KHR", transfer_id)
+    second = network.transfer("c3.khr@aba", "c3.khr@acleda", 5000, "KHR", transfer_id)
+    with network.client("v2") as client:
+        assert client.submit([first])[0]["result"] == "ok"
+        assert client.submit([first])[0]["result"] == "exists"
+        assert client.submit([second])[0]["result"] == "exists_with_different_fields"
+        assert client.lookup_transfer(transfer_id)["amount"] == 50
+
+
+def _raw_exchange(address: str, data: bytes) -> list[dict]:
+    host, port = address.rsplit(":", 1)
+    replies = []
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(data)
+        buffer = b""
+        connection.settimeout(2)
+        try:
+            while True:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                while len(buffer) >= 4 and len(buffer) >= 4 + struct.unpack(">I", buffer[:4])[0]:
+                    length = struct.unpack(">I", buffer[:4])[0]
+                    replies.append(decode_payload(buffer[4 : 4 + length]))
+                    buffer = buffer[4 + length :]
+        except TimeoutError:
+            pass
+    return replies
+
+
+def test_a_malformed_frame_gets_an_error_and_the_connection_keeps_serving(network):
+    garbage = b"\xc1\xc1\xc1"
+    replies = _raw_exchange(
+        network.nodes["v1"].client_address,
+        struct.pack(">I", len(garbage)) + garbage + encode_frame({"id": 7, "op": "status"}),
+    )
+    assert replies[0]["error"]["code"] == "malformed_frame"
+    assert replies[1]["id"] == 7 and replies[1]["ok"]
+
+
+def test_an_oversized_frame_is_refused_before_it_is_read_and_the_node_keeps_serving(network):
+    replies = _raw_exchange(network.nodes["v1"].client_address, struct.pack(">I", 64 << 20) + b"x" * 1000)
+    assert [reply["error"]["code"] for reply in replies] == ["frame_too_large"]
+    with network.client("v1") as client:
+        assert client.status()["name"] == "v1"
+
+
+def test_unknown_operations_and_fields_are_refused_by_name(network):
+    with network.client("v2") as client:
+        with pytest.raises(ClientError) as unknown:
+            client.request("drop_database")
+        assert unknown.value.code == "unknown_operation"
+        with pytest.raises(ClientError) as extra:
+            client.request("status", sneaky=True)
+        assert extra.value.code == "malformed_request"
+
+
+class _Workload:
+    """Random transfers from several threads against chosen nodes, remembering what was acknowledged."""
+
+    def __init__(self, cluster: LocalCluster, nodes: list[str], threads: int = 6) -> None:
+        self.cluster = cluster
+        self.nodes = nodes
+        self.acknowledged: dict[bytes, int] = {}
+        self.failed_attempts = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(number,), daemon=True) for number in range(threads)]
+        accounts = [a["account"] for a in cluster.customer_accounts() if a["currency"] == "KHR"]
+        self._accounts = accounts
+
+    def _run(self, number: int) -> None:
+        generator = random.Random(number)
+        client = Client(self.cluster.nodes[self.nodes[number % len(self.nodes)]].client_address, timeout_seconds=15)
+        while not self._stop.is_set():
+            debit, credit = generator.sample(self._accounts, 2)
+            transfer_id = new_transfer_id()
+            entry = self.cluster.transfer(debit, credit, generator.randint(1, 100), "KHR", transfer_id)
+            try:
+                (result,) = client.submit([entry], deadline_seconds=30)
+            except ClientError:
+                self.failed_attempts += 1
+                continue
+            if result["status"] == "applied" and result["result"] in ("ok", "exists"):
+                with self._lock:
+                    self.acknowledged[transfer_id] = result["index"]
+        client.close()
+
+    def __enter__(self) -> _Workload:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def _assert_all_acknowledged_everywhere(cluster: LocalCluster, acknowledged: dict[bytes, int]) -> None:
+    for name in cluster.nodes:
+        with cluster.client(name) as client:
+            for transfer_id in acknowledged:
+                found = client.lookup_transfer(transfer_id)
+                assert found is not None and found["result"] == "ok", (name, transfer_id.hex())
+
+
+def test_sigkill_of_the_leader_under_load_loses_no_acknowledged_transfer(cluster):
+    leader = cluster.wait_for_leader()
+    others = [name for name in cluster.nodes if name != leader]
+    with _Workload(cluster, others) as workload:
+        time.sleep(2)
+        cluster.kill([leader])
+        new_leader = cluster.wait_for_leader(among=[v for v in cluster.validators() if v != leader])
+        assert new_leader != leader
+        count_at_new_leader = len(workload.acknowledged)
+        time.sleep(3)
+    assert len(workload.acknowledged) > count_at_new_leader, "the network did not commit after the new election"
+    cluster.start([leader])
+    statuses = cluster.wait_converged()
+    assert len({status["state_hash"] for status in statuses.values()}) == 1
+    _assert_all_acknowledged_everywhere(cluster, workload.acknowledged)
+    with cluster.client(leader) as client:
+        totals = client.totals()["totals"]
+    assert all(row["held"] == row["issued"] and row["net"] == 0 for row in totals.values())
+
+
+def _metric(cluster: LocalCluster, node: str, name: str) -> float:
+    _code, text = cluster.admin_get(node, "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_restarted_node_replays_its_log_without_applying_anything_twice(cluster):
+    with cluster.client("v1") as client:
+        for _ in range(20):
+            assert client.submit([cluster.transfer("c1.khr@aba", "c2.khr@aba", 1, "KHR")])[0]["result"] == "ok"
+    before = cluster.wait_converged()
+    follower = next(name for name in cluster.validators() if before[name]["role"] == "follower")
+    cluster.stop([follower])
+    cluster.start([follower])
+    after = cluster.wait_converged()
+    assert after[follower]["applied_index"] == before[follower]["applied_index"]
+    assert after[follower]["state_hash"] == before[follower]["state_hash"]
+    # Everything in its journal was already in LMDB: the replay applied no entry.
+    assert _metric(cluster, follower, "tonle_entries_applied_total") == 0
+
+
+def test_an_older_snapshot_is_ignored(request, tmp_path):
+    cluster = start_cluster(tmp_path / "network", raft=replace(local_raft, log_compaction_entries=100))
+    _remember(request, cluster)
+    with cluster:
+        follower = "v2"
+        snapshot = cluster.nodes[follower].data_dir / "raft" / "snapshot.bin"
+        _submit_until_snapshot(cluster, snapshot)
+        cluster.stop([follower])
+        old_copy = tmp_path / "old-snapshot.bin"
+        shutil.copy(snapshot, old_copy)
+        cluster.start([follower])
+        cluster.wait_converged()
+        first = snapshot.stat().st_mtime_ns
+        _submit_until_snapshot(cluster, snapshot, changed_after=first)
+        before = cluster.wait_converged()
+        cluster.stop([follower])
+        shutil.copy(old_copy, snapshot)
+        cluster.start([follower])
+        after = cluster.wait_converged()
+        assert after[follower]["state_hash"] == before[follower]["state_hash"]
+        assert after[follower]["applied_index"] >= before[follower]["applied_index"]
+        assert "ignoring snapshot" in cluster.nodes[follower].log.read_text()
+
+
+def _submit_until_snapshot(cluster: LocalCluster, snapshot, changed_after: int | None = None) -> None:
+    deadline = time.monotonic() + 120
+    with cluster.client("v1") as client:
+        while time.monotonic() < deadline:
+            if snapshot.exists() and (changed_after is None or snapshot.stat().st_mtime_ns != changed_after):
+                return
+            client.submit([cluster.transfer("c1.khr@aba", "c2.khr@aba", 1, "KHR")])
+    raise AssertionError("no snapshot was written")

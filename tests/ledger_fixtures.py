@@ -1,0 +1,54 @@
+"""Test helpers: a small genesis with real keys, signing shortcuts and batch building."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nacl.signing import SigningKey
+
+from config.schema import Address, Currency, Genesis, Institution, NodeRole, NodeSpec, Role
+from consensus.batch import Batch, encode_batch
+from consensus.entries import Body, sign_entry
+
+cluster_id = "tonle-test-1"
+
+
+@dataclass
+class Network:
+    genesis: Genesis
+    keys: dict[str, SigningKey] = field(default_factory=dict)
+
+    def sign(self, body: Body, signer: str, *, key: SigningKey | None = None, network: str | None = None) -> bytes:
+        return sign_entry(
+            body, cluster_id=network or self.genesis.cluster_id, signer=signer, signing_key=key or self.keys[signer]
+        )
+
+
+def make_network(institutions: tuple[tuple[str, Role], ...] = (("aba", Role.BANK), ("acleda", Role.BANK))) -> Network:
+    keys = {"nbc": SigningKey.generate()}
+    records = [Institution("nbc", "National Bank of Cambodia", Role.CENTRAL_BANK, bytes(keys["nbc"].verify_key))]
+    for institution_id, role in institutions:
+        keys[institution_id] = SigningKey.generate()
+        records.append(Institution(institution_id, institution_id.upper(), role, bytes(keys[institution_id].verify_key)))
+    validator = NodeSpec(
+        name="v1",
+        role=NodeRole.VALIDATOR,
+        institution=None,
+        raft_address=Address("127.0.0.1", 7001),
+        client_address=Address("127.0.0.1", 8001),
+        admin_address=Address("127.0.0.1", 9001),
+        public_key=bytes(SigningKey.generate().verify_key),
+    )
+    genesis = Genesis(
+        format_version=1,
+        cluster_id=cluster_id,
+        currencies=(Currency("KHR", 0), Currency("USD", 2)),
+        institutions=tuple(records),
+        validators=(validator,),
+        institution_nodes=(),
+    )
+    return Network(genesis, keys)
+
+
+def batch(*entries: bytes, time_ms: int = 1_700_000_000_000) -> bytes:
+    return encode_batch(Batch(time_ms, None, tuple(entries)))

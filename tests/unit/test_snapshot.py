@@ -1,0 +1,115 @@
+"""Snapshot files: written from LMDB, verified on read, installed only when newer, never half-installed."""
+
+import dataclasses
+
+import pytest
+
+from consensus.entries import Issue, OpenAccount, Transfer, signature_is_valid
+from consensus.raft.snapshot import SnapshotError, SnapshotHeader, read_header, restore_from_snapshot, write_snapshot
+from storage import queries
+from storage.rules import apply_batch, initialize
+from storage.state import LedgerStore, StorageCorrupted
+from tests.ledger_fixtures import batch, make_network
+
+
+def tid(number: int) -> bytes:
+    return number.to_bytes(16, "big")
+
+
+@pytest.fixture
+def network():
+    return make_network()
+
+
+def new_store(path, network) -> LedgerStore:
+    store = LedgerStore(path, map_size_bytes=64 << 20)
+    with store.write() as transaction:
+        initialize(transaction, network.genesis)
+    return store
+
+
+def advance(store, network, count: int, first_id: int = 100) -> None:
+    """Apply `count` batches after the store's applied index."""
+    entries = [
+        network.sign(OpenAccount("sokha@aba", "KHR"), "aba"),
+        network.sign(Issue(tid(1), "settlement.khr@aba", 10_000, "KHR"), "nbc"),
+    ]
+    entries += [
+        network.sign(Transfer(tid(first_id + number), "settlement.khr@aba", "sokha@aba", 1, "KHR"), "aba")
+        for number in range(count)
+    ]
+    for entry in entries[: count]:
+        with store.write() as transaction:
+            index = transaction.applied_index() + 1
+            apply_batch(transaction, index, batch(entry), signature_is_valid, network.genesis.cluster_id)
+
+
+def snapshot_of(store, path, network) -> SnapshotHeader:
+    summary = store.summary()
+    header = SnapshotHeader(
+        cluster_id=network.genesis.cluster_id,
+        last_entry=(b"\x00last", summary.applied_index, 1),
+        previous_entry=(b"\x00prev", summary.applied_index - 1, 1),
+        voters=("127.0.0.1:7001",),
+        applied_index=summary.applied_index,
+        state_hash=summary.state_hash,
+    )
+    write_snapshot(path, store, header)
+    return header
+
+
+def test_a_newer_snapshot_is_installed_with_the_same_state(tmp_path, network):
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 6)
+    header = snapshot_of(source, tmp_path / "snapshot.bin", network)
+    target = new_store(tmp_path / "b", network)
+    parsed, installed = restore_from_snapshot(tmp_path / "snapshot.bin", target, network.genesis.cluster_id)
+    assert installed and parsed == header
+    assert target.summary() == source.summary()
+    with target.read() as transaction:
+        assert queries.balance(transaction, "sokha@aba")["balance"] == 4
+        assert transaction.recompute_state_hash() == transaction.state_hash()
+
+
+def test_an_older_snapshot_is_ignored_and_the_state_kept(tmp_path, network):
+    store = new_store(tmp_path / "a", network)
+    advance(store, network, 3)
+    snapshot_of(store, tmp_path / "old.bin", network)
+    advance(store, network, 4, first_id=200)
+    before = store.summary()
+    _header, installed = restore_from_snapshot(tmp_path / "old.bin", store, network.genesis.cluster_id)
+    assert not installed
+    assert store.summary() == before
+
+
+def test_a_damaged_snapshot_is_refused(tmp_path, network):
+    store = new_store(tmp_path / "a", network)
+    advance(store, network, 3)
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(store, path, network)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="digest"):
+        read_header(path)
+
+
+def test_a_snapshot_of_another_network_is_refused(tmp_path, network):
+    store = new_store(tmp_path / "a", network)
+    advance(store, network, 3)
+    snapshot_of(store, tmp_path / "snapshot.bin", network)
+    with pytest.raises(SnapshotError, match="network"):
+        restore_from_snapshot(tmp_path / "snapshot.bin", new_store(tmp_path / "b", network), "tonle-other")
+
+
+def test_a_snapshot_whose_records_do_not_match_its_claimed_hash_installs_nothing(tmp_path, network):
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 5)
+    header = snapshot_of(source, tmp_path / "honest.bin", network)
+    lying = dataclasses.replace(header, state_hash=bytes(32))
+    write_snapshot(tmp_path / "lying.bin", source, lying)
+    target = new_store(tmp_path / "b", network)
+    before = target.summary()
+    with pytest.raises(StorageCorrupted):
+        restore_from_snapshot(tmp_path / "lying.bin", target, network.genesis.cluster_id)
+    assert target.summary() == before
