@@ -15,6 +15,7 @@ from config.schema import ConfigError
 from node.admin import AdminServer
 from node.api import ApiServer
 from node.logs import configure_logging
+from node.failpoints import FailpointError
 from node.server import LedgerNode, StartupError
 
 logger = logging.getLogger("tonle.node")
@@ -41,7 +42,7 @@ def run_node(config_path: Path) -> int:
     configure_logging(config.name, config.log.level, config.log.format, context)
     try:
         node = LedgerNode(config, genesis)
-    except (StartupError, ConfigError) as error:
+    except (StartupError, ConfigError, FailpointError) as error:
         logger.error("refusing to start: %s", error)
         return exit_code_configuration
     holder["node"] = node
@@ -78,7 +79,15 @@ async def _serve(node: LedgerNode) -> None:
         spec.client_address,
         spec.admin_address,
     )
+    checkpoints = loop.create_task(_idle_checkpoints(node, stop))
     await stop.wait()
+    checkpoints.cancel()
     logger.info("stopping on signal")
     await api.close()
     await admin.close()
+
+
+async def _idle_checkpoints(node: LedgerNode, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        node.propose_idle_checkpoint()

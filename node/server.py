@@ -12,10 +12,12 @@ from typing import Any
 
 from config.keys import load_signing_key
 from config.schema import Genesis, NodeConfig, NodeRole
-from consensus.batch import Checkpoint
+from consensus.batch import Batch, Checkpoint, encode_batch
+from consensus.codec import pack
 from consensus.entries import EntryError, SignedEntry, decode_entry, entry_key
 from consensus.proposer import Proposer, ProposerLimits
 from consensus.raft.adapter import RaftEvents, RaftNode
+from node.failpoints import enabled_failpoints
 from node.metrics import NodeMetrics
 from node.protocol import (
     ERROR_BUSY,
@@ -32,7 +34,7 @@ from node.protocol import (
 from node.verifier import SignatureVerifier
 from storage import queries
 from storage.rules import AppliedBatch, initialize
-from storage.state import LedgerStore, open_store
+from storage.state import StateTransaction, open_store
 
 logger = logging.getLogger("tonle.node")
 
@@ -41,6 +43,9 @@ proposals_in_flight_max = 32
 outcome_waiters_max = 200_000
 state_hash_history_max = 100_000
 apply_lag_entries_max = 64
+# When no batch has carried a checkpoint for this long, the leader proposes an empty batch that does, so
+# replicas keep comparing state hashes while the network is idle.
+checkpoint_interval_seconds = 5.0
 fatal_exit_code = 70
 forward_timeout_seconds = 5.0
 
@@ -73,6 +78,12 @@ class _Events(RaftEvents):
     def before_apply(self, batch_bytes: bytes) -> None:
         self._node.verifier.wait_for_batch(batch_bytes)
 
+    def before_commit(self, transaction: StateTransaction, batch: AppliedBatch) -> None:
+        if "apply_extra_record" in self._node.failpoints:
+            self._node.failpoints = self._node.failpoints - {"apply_extra_record"}
+            logger.warning("failpoint apply_extra_record: writing a record no other node has at index %d", batch.index)
+            transaction.put("currencies", b"ZZZ", pack([0]))
+
     def prefetch(self, batch_bytes: bytes) -> None:
         self._node.verifier.prefetch(batch_bytes)
 
@@ -98,6 +109,7 @@ class LedgerNode:
             raise StartupError(
                 f"key file {config.key_file} does not hold the key the genesis names for node {self.spec.name}"
             )
+        self.failpoints = enabled_failpoints()
         self.metrics = NodeMetrics(self.spec.name, str(self.spec.role))
         self.store = open_store(config.data_dir, map_size_bytes=config.storage.map_size_bytes, sync=config.storage.sync)
         self._initialize_state()
@@ -123,6 +135,8 @@ class LedgerNode:
         self._diverged = False
         self._forwarder: Forwarder | None = None
         self._last_leader: str | None = None
+        self._last_checkpoint_index = 0
+        self._last_proposal_time = 0.0
 
     # Start-up -------------------------------------------------------------------------------------------
 
@@ -376,6 +390,8 @@ class LedgerNode:
             taken = self.proposer.take_batch(int(time.time() * 1000), checkpoint, now)
             if taken is None:
                 break
+            if checkpoint is not None:
+                self._last_checkpoint_index = checkpoint.index
             batch_bytes, entries = taken
             self.metrics.batch_build.observe(time.perf_counter() - started)
             self._propose(batch_bytes, entries)
@@ -383,7 +399,25 @@ class LedgerNode:
         if len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
             self._schedule_flush()
 
+    def propose_idle_checkpoint(self) -> None:
+        """Leader, nothing queued or in flight: carry the latest state hash in an empty batch."""
+        last = self._last_applied
+        if (
+            last is None
+            or not self.raft.is_leader()
+            or self._proposals
+            or len(self.proposer)
+            or last.index <= self._last_checkpoint_index
+            or self._state_hash_history.get(self._last_checkpoint_index) == last.state_hash
+            or time.monotonic() - self._last_proposal_time < checkpoint_interval_seconds
+        ):
+            return
+        checkpoint = Checkpoint(last.index, last.state_hash)
+        self._last_checkpoint_index = last.index
+        self._propose(encode_batch(Batch(int(time.time() * 1000), checkpoint, ())), [])
+
     def _propose(self, batch_bytes: bytes, entries: list[bytes]) -> None:
+        self._last_proposal_time = time.monotonic()
         self._proposal_counter += 1
         number = self._proposal_counter
         self._proposals[number] = _Proposal(entries, time.perf_counter())

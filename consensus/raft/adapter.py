@@ -28,7 +28,7 @@ from consensus.raft.snapshot import (
 )
 from consensus.raft.transport import PeerIdentity, SecureTransport, TransportObserver
 from storage.rules import AppliedBatch, apply_batch, apply_no_op
-from storage.state import LedgerStore
+from storage.state import LedgerStore, StateTransaction
 
 logger = logging.getLogger("tonle.raft")
 
@@ -73,6 +73,9 @@ class RaftEvents:
     def prefetch(self, batch_bytes: bytes) -> None: ...
 
     def before_apply(self, batch_bytes: bytes) -> None: ...
+
+    def before_commit(self, transaction: StateTransaction, batch: AppliedBatch) -> None:
+        """Inside the apply's transaction, just before it commits (failpoints use this)."""
 
     def fatal(self, message: str) -> None:
         """Called when the node must stop: it must not return control to pysyncobj's apply loop."""
@@ -330,6 +333,8 @@ class RaftNode:
                     applied = apply_batch(
                         transaction, index, command[1:], self._verify, self._genesis.cluster_id
                     )
+                    if applied is not None:
+                        self._events.before_commit(transaction, applied)
                 else:
                     apply_no_op(transaction, index)
                     applied = None

@@ -1,0 +1,154 @@
+"""Three in-process RaftNodes over real sockets: durability order of acknowledgements and votes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+from config.schema import Address, Currency, Genesis, Institution, NodeRole, NodeSpec, RaftConfig, Role
+from consensus.batch import Batch, encode_batch
+from consensus.entries import OpenAccount, sign_entry, signature_is_valid
+from consensus.raft import journal as journal_module
+from consensus.raft.adapter import RaftEvents, RaftNode
+from consensus.raft.transport import SecureTransport
+from storage.rules import initialize
+from storage.state import LedgerStore
+
+wait_seconds = 20.0
+raft = RaftConfig(
+    election_timeout_min_ms=400,
+    election_timeout_max_ms=800,
+    heartbeat_interval_ms=50,
+    connection_timeout_ms=2000,
+    connection_retry_ms=100,
+    leader_fallback_timeout_ms=1500,
+    log_compaction_entries=10_000,
+    log_compaction_interval_seconds=3600,
+)
+
+
+class _Events(RaftEvents):
+    def __init__(self) -> None:
+        self.applied_indexes: list[int] = []
+
+    def applied(self, batch, apply_seconds) -> None:
+        self.applied_indexes.append(batch.index)
+
+    def fatal(self, message: str) -> None:
+        raise AssertionError(message)
+
+
+def _ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for listener in sockets:
+        listener.bind(("127.0.0.1", 0))
+    ports = [listener.getsockname()[1] for listener in sockets]
+    for listener in sockets:
+        listener.close()
+    return ports
+
+
+def _wait(condition, what: str) -> None:
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def network(tmp_path: Path, monkeypatch):
+    """Three validators in this process, with every send recorded alongside the journal's state."""
+    sends: list[dict] = []
+    lock = threading.Lock()
+    original_send = SecureTransport.send
+
+    def recording_send(self, node, message):
+        journal = self._before_send.__self__._journal  # the RaftNode's journal, via its bound _sync_journal
+        entry = {"type": message.get("type") if isinstance(message, dict) else None,
+                 "dirty_before": journal.dirty, "message": message}
+        result = original_send(self, node, message)
+        entry["dirty_after"] = journal.dirty
+        if entry["type"] == "response_vote":
+            meta_path = journal._directory / journal_module.meta_file_name
+            entry["meta_on_disk"] = journal_module.decode_meta(meta_path.read_bytes(), meta_path)
+        with lock:
+            sends.append(entry)
+        return result
+
+    monkeypatch.setattr(SecureTransport, "send", recording_send)
+    node_keys = [SigningKey.generate() for _ in range(3)]
+    institution_key = SigningKey.generate()
+    ports = _ports(9)
+    specs = tuple(
+        NodeSpec(f"v{number + 1}", NodeRole.VALIDATOR, None, Address("127.0.0.1", ports[3 * number]),
+                 Address("127.0.0.1", ports[3 * number + 1]), Address("127.0.0.1", ports[3 * number + 2]),
+                 bytes(node_keys[number].verify_key))
+        for number in range(3)
+    )
+    genesis = Genesis(1, "tonle-adapter-test", (Currency("KHR", 0),),
+                      (Institution("nbc", "NBC", Role.CENTRAL_BANK, bytes(institution_key.verify_key)),), specs, ())
+    nodes, stores, events = [], [], []
+    for number, spec in enumerate(specs):
+        store = LedgerStore(tmp_path / spec.name / "state", map_size_bytes=64 << 20)
+        with store.write() as transaction:
+            initialize(transaction, genesis)
+        event_sink = _Events()
+        nodes.append(RaftNode(genesis=genesis, node=spec, node_key=node_keys[number], data_dir=tmp_path / spec.name,
+                              raft_config=raft, store=store, verify=signature_is_valid, events=event_sink))
+        stores.append(store)
+        events.append(event_sink)
+    yield nodes, stores, events, sends, genesis, institution_key
+    for node in nodes:
+        try:
+            node.destroy()
+        except Exception:  # noqa: BLE001 - a node destroyed by the test already
+            pass
+    for store in stores:
+        store.close()
+
+
+def _leader(nodes) -> RaftNode:
+    _wait(lambda: sum(node.is_leader() for node in nodes) == 1, "a leader")
+    return next(node for node in nodes if node.is_leader())
+
+
+def test_followers_acknowledge_entries_only_after_their_journal_is_durable_and_votes_after_the_vote_is(network):
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    for number in range(20):
+        entry = sign_entry(OpenAccount(f"a{number}@nbc", "KHR"), cluster_id=genesis.cluster_id, signer="nbc", signing_key=key)
+        leader.propose(encode_batch(Batch(1, None, (entry,))), lambda committed, reason: None)
+    target = max(stores[nodes.index(leader)].summary().applied_index, 2) + 20
+    _wait(lambda: all(store.summary().applied_index >= target for store in stores), "every node to apply")
+    acknowledgements = [send for send in sends if send["type"] == "next_node_idx" and send["message"]["success"]]
+    assert acknowledgements, "no follower acknowledged anything"
+    assert all(not send["dirty_after"] for send in acknowledgements)
+    assert all(not send["dirty_after"] for send in sends if send["type"] == "append_entries")
+
+    # Force an election: every vote granted must already be on disk when the grant is sent.
+    leader.destroy()
+    survivors = [node for node in nodes if node is not leader]
+    _wait(lambda: sum(node.is_leader() for node in survivors) == 1, "a new leader")
+    votes = [send for send in sends if send["type"] == "response_vote"]
+    assert votes, "no vote was granted"
+    for vote in votes:
+        assert vote["meta_on_disk"].term == vote["message"]["term"]
+        assert vote["meta_on_disk"].voted_for is not None
+
+
+def test_the_apply_records_every_raft_index_once(network):
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    entry = sign_entry(OpenAccount("once@nbc", "KHR"), cluster_id=genesis.cluster_id, signer="nbc", signing_key=key)
+    leader.propose(encode_batch(Batch(1, None, (entry,))), lambda committed, reason: None)
+    _wait(lambda: all(sink.applied_indexes for sink in events), "the batch to apply everywhere")
+    for sink in events:
+        assert len(sink.applied_indexes) == len(set(sink.applied_indexes))
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
