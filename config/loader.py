@@ -22,6 +22,7 @@ from config.schema import (
     Currency,
     Genesis,
     Institution,
+    JoinConfig,
     LogConfig,
     NodeConfig,
     NodeRole,
@@ -476,6 +477,13 @@ _settings: dict[str, dict[str, _Setting]] = {
         "level": _Setting(str, schema.log_level_default, choices=schema.log_levels),
         "format": _Setting(str, schema.log_format_default, choices=schema.log_formats),
     },
+    # Only for an institution node admitted after genesis; all four keys or none.
+    "join": {
+        "institution": _Setting(str, ""),
+        "raft_address": _Setting(str, ""),
+        "client_address": _Setting(str, ""),
+        "admin_address": _Setting(str, ""),
+    },
 }
 
 _default_source = "default"
@@ -668,14 +676,31 @@ def _load_named_genesis(checked: _Checked, problems: list[ConfigProblem]) -> Gen
         return None
     genesis = _read_genesis(genesis_path, problems)
     name = checked.values.get(("node", "name"))
-    if genesis is not None and isinstance(name, str) and name not in {node.name for node in genesis.nodes}:
+    join = {key: checked.values.get(("join", key), "") for key in _settings["join"]}
+    joining = any(join.values())
+    if genesis is None or not isinstance(name, str):
+        return genesis
+    in_genesis = name in {node.name for node in genesis.nodes}
+    if in_genesis and joining:
+        problems.append(ConfigProblem(checked.sources[("node", "name")], "join", f"{name!r} is in the genesis: remove [join]"))
+    elif not in_genesis and not joining:
         problems.append(
             ConfigProblem(
                 checked.sources[("node", "name")],
                 "node.name",
-                f"{name!r} is neither a validator nor an institution node in {genesis_path}",
+                f"{name!r} is neither a validator nor an institution node in {genesis_path}, and [join] is not set",
             )
         )
+    elif joining:
+        for key, value in join.items():
+            source = checked.sources.get(("join", key), _default_source)
+            if not value:
+                problems.append(ConfigProblem(source, f"join.{key}", "required when joining"))
+            elif key.endswith("_address"):
+                try:
+                    Address.parse(value)
+                except ValueError as error:
+                    problems.append(ConfigProblem(source, f"join.{key}", str(error)))
     return genesis
 
 
@@ -691,4 +716,5 @@ def _node_config(checked: _Checked, source: Path) -> NodeConfig:
         api=ApiConfig(**section("api")),
         log=LogConfig(**section("log")),
         source=source,
+        join=JoinConfig(**section("join")),
     )

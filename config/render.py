@@ -64,6 +64,9 @@ def render_node_config(config: NodeConfig, relative_to: Path) -> str:
     for name, section in sections:
         lines += ["", f"[{name}]"]
         lines += [f"{field.name} = {_value(getattr(section, field.name))}" for field in dataclasses.fields(section)]
+    if config.join.requested:
+        lines += ["", "[join]"]
+        lines += [f"{field.name} = {_value(getattr(config.join, field.name))}" for field in dataclasses.fields(config.join)]
     return "\n".join(lines) + "\n"
 
 

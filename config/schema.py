@@ -316,6 +316,21 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinConfig:
+    """How a node that is not in the genesis describes itself: an institution node admitted later by a
+    replicated AdmitNode entry. All empty for genesis nodes."""
+
+    institution: str = ""
+    raft_address: str = ""
+    client_address: str = ""
+    admin_address: str = ""
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.institution)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     genesis_file: Path  # absolute, resolved
@@ -327,3 +342,4 @@ class NodeConfig:
     api: ApiConfig
     log: LogConfig
     source: Path  # the node config file, absolute and resolved
+    join: JoinConfig = JoinConfig()

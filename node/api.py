@@ -66,7 +66,7 @@ class ApiProtocol(asyncio.Protocol):
             self._count("invalid", error.code)
             self._send(error_reply(error.request_id, error.code, error.message))
             return
-        operation = type(request).__name__
+        operation = "submit" if isinstance(request, SubmitRequest) else request.operation
         if self._in_flight >= requests_in_flight_per_connection_max:
             self._count(operation, ERROR_BUSY)
             self._send(error_reply(request.request_id, ERROR_BUSY, "too many requests in flight on this connection"))
@@ -109,17 +109,7 @@ class ApiProtocol(asyncio.Protocol):
             self._transport.write(encode_frame(message))
 
     def _count(self, operation: str, result: str) -> None:
-        self._node.metrics.api_requests.labels(_operation_label(operation), result).inc()
-
-
-def _operation_label(name: str) -> str:
-    labels = {
-        "SubmitRequest": "submit",
-        "LookupTransferRequest": "lookup_transfer",
-        "BalanceRequest": "balance",
-        "SimpleRequest": "query",
-    }
-    return labels.get(name, name)
+        self._node.metrics.api_requests.labels(operation, result).inc()
 
 
 class ApiServer:

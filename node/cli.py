@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from config.keys import generate_key_file
+from node.cli_support import cluster_of, exit_code_failure, pick_node, positive, print_json
 from node.client import ClientError
 from node.cluster import ClusterError, LocalCluster
+from node.ledger_commands import add_ledger_commands
 
-exit_code_failure = 1
-exit_code_usage = 2
-
-
-def _print_json(document: Any) -> None:
-    print(json.dumps(document, indent=2, sort_keys=True, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def _cluster(arguments: argparse.Namespace) -> LocalCluster:
-    return LocalCluster.load(Path(arguments.dir))
-
-
-def _pick_node(cluster: LocalCluster, requested: str | None) -> str:
-    if requested is not None:
-        if requested not in cluster.nodes:
-            raise ClusterError(f"no node named {requested!r}; nodes: {', '.join(cluster.nodes)}")
-        return requested
-    for name in cluster.nodes:
-        if cluster.is_running(name):
-            return name
-    raise ClusterError("no node of this network is running (tonle cluster up / restart)")
 
 
 # Commands ---------------------------------------------------------------------------------------------
@@ -74,15 +47,23 @@ def command_cluster_up(arguments: argparse.Namespace) -> int:
         cluster.kill()
         raise
     print(f"network {cluster.cluster_id} is up in {cluster.directory}: leader {leader}", file=sys.stderr)
-    _print_json({"cluster_id": cluster.cluster_id, "leader": leader, "nodes": list(cluster.nodes)})
+    print_json({"cluster_id": cluster.cluster_id, "leader": leader, "nodes": list(cluster.nodes)})
+    return 0
+
+
+def command_cluster_add_node(arguments: argparse.Namespace) -> int:
+    cluster = cluster_of(arguments)
+    name = cluster.add_institution_node(arguments.institution)
+    cluster.wait_ready([name])
+    print_json({"action": "add-node", "node": name, "institution": arguments.institution})
     return 0
 
 
 def command_cluster_action(arguments: argparse.Namespace) -> int:
-    cluster = _cluster(arguments)
+    cluster = cluster_of(arguments)
     names = [arguments.node] if arguments.node else None
     if names:
-        _pick_node(cluster, arguments.node)
+        pick_node(cluster, arguments.node)
     action = arguments.action
     if action == "down":
         cluster.stop(names)
@@ -94,7 +75,7 @@ def command_cluster_action(arguments: argparse.Namespace) -> int:
         cluster.pause(names or list(cluster.nodes))
     elif action == "resume":
         cluster.resume(names or list(cluster.nodes))
-    _print_json({"action": action, "nodes": names or list(cluster.nodes)})
+    print_json({"action": action, "nodes": names or list(cluster.nodes)})
     return 0
 
 
@@ -102,13 +83,13 @@ _status_columns = ("name", "node_role", "role", "term", "leader", "commit_index"
 
 
 def command_status(arguments: argparse.Namespace) -> int:
-    cluster = _cluster(arguments)
+    cluster = cluster_of(arguments)
     rows = {}
     for name, node in cluster.nodes.items():
         status = cluster.status(name)
         rows[name] = status if status is not None else {"name": name, "node_role": node.role, "role": "down"}
     if arguments.output == "json":
-        _print_json(rows)
+        print_json(rows)
         return 0
     table = [list(_status_columns)]
     for row in rows.values():
@@ -125,36 +106,10 @@ def command_status(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def command_transfer(arguments: argparse.Namespace) -> int:
-    cluster = _cluster(arguments)
-    transfer_id = bytes.fromhex(arguments.id) if arguments.id else None
-    if transfer_id is not None and len(transfer_id) != 16:
-        raise ClusterError("--id must be 32 hexadecimal characters (128 bits)")
-    entry = cluster.transfer(arguments.from_account, arguments.to_account, arguments.amount, arguments.currency, transfer_id)
-    with cluster.client(_pick_node(cluster, arguments.node)) as client:
-        (result,) = client.submit([entry])
-    from consensus.entries import decode_entry
-
-    body = decode_entry(entry).body()
-    _print_json({"id": body.id.hex(), **result})
-    return 0 if result["status"] == "applied" and result["result"] in ("ok", "exists") else exit_code_failure
-
-
-def command_balance(arguments: argparse.Namespace) -> int:
-    cluster = _cluster(arguments)
-    with cluster.client(_pick_node(cluster, arguments.node)) as client:
-        balance = client.balance(arguments.account)
-    if balance is None:
-        _print_json({"account": arguments.account, "found": False})
-        return exit_code_failure
-    _print_json(balance)
-    return 0
-
-
 def command_load(arguments: argparse.Namespace) -> int:
     from node.load import run_load
 
-    cluster = _cluster(arguments)
+    cluster = cluster_of(arguments)
     summary = run_load(
         cluster,
         transfers=arguments.transfers,
@@ -164,20 +119,13 @@ def command_load(arguments: argparse.Namespace) -> int:
         seed=arguments.seed,
     )
     if arguments.output == "json":
-        _print_json(summary.document)
+        print_json(summary.document)
     else:
         print(summary.render())
     return 0 if summary.conserved else exit_code_failure
 
 
 # Parser -------------------------------------------------------------------------------------------------
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,11 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     up = cluster_commands.add_parser("up", help="generate a network in DIR, start it and fund some accounts")
     up.add_argument("--dir", required=True)
-    up.add_argument("--validators", type=_positive, default=3)
+    up.add_argument("--validators", type=positive, default=3)
     up.add_argument("--institutions", type=int, default=2, help="institution nodes (one per institution)")
-    up.add_argument("--accounts", type=_positive, default=4, help="customer accounts per institution and currency")
+    up.add_argument("--accounts", type=positive, default=4, help="customer accounts per institution and currency")
     up.add_argument("--log-format", choices=("text", "json"), default="text")
     up.set_defaults(handler=command_cluster_up)
+    add_node = cluster_commands.add_parser(
+        "add-node", help="admit and start a new read-only node for an institution, without restarting the network"
+    )
+    add_node.add_argument("--dir", required=True)
+    add_node.add_argument("--institution", required=True)
+    add_node.set_defaults(handler=command_cluster_add_node)
     for action, text in (
         ("down", "stop nodes (SIGTERM)"),
         ("kill", "kill nodes (SIGKILL)"),
@@ -220,27 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--output", choices=("table", "json"), default="table")
     status.set_defaults(handler=command_status)
 
-    transfer = commands.add_parser("transfer", help="sign (as the debtor's institution) and submit a transfer")
-    transfer.add_argument("--dir", required=True)
-    transfer.add_argument("--from", dest="from_account", required=True)
-    transfer.add_argument("--to", dest="to_account", required=True)
-    transfer.add_argument("--amount", type=int, required=True, help="in minor units (riel, cents)")
-    transfer.add_argument("--currency", required=True)
-    transfer.add_argument("--id", help="128-bit transfer id in hex (default: a new time-ordered id)")
-    transfer.add_argument("--node", help="node to submit to (default: the first running node)")
-    transfer.set_defaults(handler=command_transfer)
-
-    balance = commands.add_parser("balance", help="an account's balance")
-    balance.add_argument("--dir", required=True)
-    balance.add_argument("account")
-    balance.add_argument("--node")
-    balance.set_defaults(handler=command_balance)
+    add_ledger_commands(commands)
 
     load = commands.add_parser("load", help="drive random transfers and check conservation on every node")
     load.add_argument("--dir", required=True)
-    load.add_argument("--transfers", type=_positive, default=10_000)
-    load.add_argument("--concurrency", type=_positive, default=32)
-    load.add_argument("--batch-size", type=_positive, default=1, help="transfers per request")
+    load.add_argument("--transfers", type=positive, default=10_000)
+    load.add_argument("--concurrency", type=positive, default=32)
+    load.add_argument("--batch-size", type=positive, default=1, help="transfers per request")
     load.add_argument("--node", action="append", help="submit only to this node (repeatable; default: all)")
     load.add_argument("--seed", type=int)
     load.add_argument("--output", choices=("json", "summary"), default="json")

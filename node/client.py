@@ -65,6 +65,15 @@ def _unknown_replies(error: ClientError, count: int) -> list[dict[str, Any]]:
     return [{"status": STATUS_UNKNOWN, "result": error.code, "index": None, "original": None}] * count
 
 
+def _found(reply: dict[str, Any], key: str) -> Any:
+    return reply[key] if reply["found"] else None
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """Only the optional fields that were given: the server refuses nulls where it expects values."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def _record(results: list[dict[str, Any] | None], todo: list[int], replies: list[dict[str, Any]]) -> list[int]:
     """Store the latest reply of each entry; return the positions that should be sent again."""
     retry = []
@@ -175,12 +184,22 @@ class AsyncClient:
         return [result for result in results if result is not None]
 
     async def lookup_transfer(self, transfer_id: bytes) -> dict[str, Any] | None:
-        reply = await self.request("lookup_transfer", transfer_id=transfer_id)
-        return reply["transfer"] if reply["found"] else None
+        return _found(await self.request("lookup_transfer", transfer_id=transfer_id), "transfer")
 
-    async def balance(self, account: str) -> dict[str, Any] | None:
-        reply = await self.request("balance", account=account)
-        return reply["balance"] if reply["found"] else None
+    async def transfers_by_reference(self, reference: str, limit: int = 100) -> list[dict[str, Any]]:
+        return (await self.request("transfers_by_reference", reference=reference, limit=limit))["transfers"]
+
+    async def balance(self, account: str, as_of_index: int | None = None) -> dict[str, Any] | None:
+        return _found(await self.request("balance", account=account, **_given(as_of_index=as_of_index)), "balance")
+
+    async def history(self, account: str, **filters: Any) -> dict[str, Any] | None:
+        return _found(await self.request("history", account=account, **_given(**filters)), "history")
+
+    async def institution(self, institution: str) -> dict[str, Any] | None:
+        return _found(await self.request("institution", institution=institution), "institution")
+
+    async def alias(self, alias: str) -> dict[str, Any] | None:
+        return _found(await self.request("alias", alias=alias), "alias")
 
     async def status(self) -> dict[str, Any]:
         return (await self.request("status"))["status"]
@@ -190,6 +209,9 @@ class AsyncClient:
 
     async def accounts(self) -> list[dict[str, Any]]:
         return (await self.request("accounts"))["accounts"]
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return (await self.request("nodes"))["nodes"]
 
     def close(self) -> None:
         if self._writer is not None:
@@ -277,12 +299,23 @@ class Client:
         return [result for result in results if result is not None]
 
     def lookup_transfer(self, transfer_id: bytes) -> dict[str, Any] | None:
-        reply = self.request("lookup_transfer", transfer_id=transfer_id)
-        return reply["transfer"] if reply["found"] else None
+        return _found(self.request("lookup_transfer", transfer_id=transfer_id), "transfer")
 
-    def balance(self, account: str) -> dict[str, Any] | None:
-        reply = self.request("balance", account=account)
-        return reply["balance"] if reply["found"] else None
+    def transfers_by_reference(self, reference: str, limit: int = 100) -> list[dict[str, Any]]:
+        return self.request("transfers_by_reference", reference=reference, limit=limit)["transfers"]
+
+    def balance(self, account: str, as_of_index: int | None = None) -> dict[str, Any] | None:
+        return _found(self.request("balance", account=account, **_given(as_of_index=as_of_index)), "balance")
+
+    def history(self, account: str, **filters: Any) -> dict[str, Any] | None:
+        """Filters: start_ms, end_ms, limit, cursor (from the previous page)."""
+        return _found(self.request("history", account=account, **_given(**filters)), "history")
+
+    def institution(self, institution: str) -> dict[str, Any] | None:
+        return _found(self.request("institution", institution=institution), "institution")
+
+    def alias(self, alias: str) -> dict[str, Any] | None:
+        return _found(self.request("alias", alias=alias), "alias")
 
     def status(self) -> dict[str, Any]:
         return self.request("status")["status"]
@@ -292,6 +325,9 @@ class Client:
 
     def accounts(self) -> list[dict[str, Any]]:
         return self.request("accounts")["accounts"]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.request("nodes")["nodes"]
 
     def close(self) -> None:
         if self._socket is not None:

@@ -31,6 +31,7 @@ from config.schema import (
     Currency,
     Genesis,
     Institution,
+    JoinConfig,
     LogConfig,
     NodeConfig,
     NodeRole,
@@ -40,7 +41,7 @@ from config.schema import (
     Role,
     StorageConfig,
 )
-from consensus.entries import Issue, OpenAccount, Transfer, sign_entry
+from consensus.entries import Body, Issue, OpenAccount, Transfer, sign_entry
 from node.client import Client, new_transfer_id
 from storage.records import settlement_account
 
@@ -294,6 +295,45 @@ class LocalCluster:
         temporary.write_text(json.dumps(self.description, indent=2) + "\n")
         os.replace(temporary, self.directory / "cluster.json")
 
+    def add_institution_node(self, institution: str, *, via: str | None = None) -> str:
+        """Create, admit (an AdmitNode entry signed by the central bank) and start a new read-only node for
+        `institution` while the network runs. Returns its name."""
+        from dataclasses import replace
+
+        from config.loader import load_node_config
+        from consensus.entries import AdmitNode
+
+        number = 1 + sum(1 for node in self.nodes.values() if node.institution == institution)
+        name = f"{institution}-{number}"
+        while name in self.nodes:
+            number += 1
+            name = f"{institution}-{number}"
+        template_node = next(node for node in self.nodes.values() if node.role == "validator")
+        template, _genesis = load_node_config(template_node.config, environ={})
+        directory = self.directory / name
+        directory.mkdir()
+        public_key = generate_key_file(directory / "node.key")
+        raft_port, client_port, admin_port = _free_ports(3)
+        join = JoinConfig(institution, f"127.0.0.1:{raft_port}", f"127.0.0.1:{client_port}", f"127.0.0.1:{admin_port}")
+        config = replace(
+            template, name=name, data_dir=directory / "data", key_file=directory / "node.key",
+            source=directory / "node.toml", join=join,
+        )
+        config_path = directory / "node.toml"
+        config_path.write_text(render_node_config(config, relative_to=directory))
+        admit = AdmitNode(name, institution, public_key, join.raft_address, join.client_address, join.admin_address)
+        with self.client(via or self.wait_for_leader()) as client:
+            (result,) = client.submit([self.sign(admit, self.central_bank())])
+        if result["result"] not in ("ok", "exists"):
+            raise ClusterError(f"admitting node {name} failed: {result}")
+        self.nodes[name] = NodeProcess(
+            name=name, role="institution", institution=institution, directory=directory, config=config_path,
+            log=directory / "node.log", data_dir=directory / "data", raft_address=join.raft_address,
+            client_address=join.client_address, admin_address=join.admin_address,
+        )
+        self.start([name])
+        return name
+
     # Identity helpers ---------------------------------------------------------------------------------
 
     @property
@@ -309,13 +349,38 @@ class LocalCluster:
                 return load_signing_key(Path(record["key_file"]))
         raise KeyError(f"no institution {institution!r} in this network")
 
+    def new_institution_key(self, institution: str, name: str, role: str) -> Path:
+        """A key file for an institution about to be admitted, recorded in cluster.json."""
+        key_file = self.directory / "keys" / f"{institution}.key"
+        if not any(record["id"] == institution for record in self.description["institutions"]):
+            generate_key_file(key_file)
+            self.description["institutions"].append(
+                {"id": institution, "name": name, "role": role, "key_file": str(key_file), "accounts": []}
+            )
+            self.save()
+        return key_file
+
+    def next_institution_key(self, institution: str) -> Path:
+        """A fresh key file for a rotation; it becomes the institution's key once the rotation applies."""
+        self.institution_key(institution)  # the institution must exist
+        key_file = self.directory / "keys" / f"{institution}.key.next-{secrets.token_hex(4)}"
+        generate_key_file(key_file)
+        return key_file
+
+    def adopt_institution_key(self, institution: str, key_file: Path) -> None:
+        for record in self.description["institutions"]:
+            if record["id"] == institution:
+                record.setdefault("retired_key_files", []).append(record["key_file"])
+                record["key_file"] = str(key_file)
+        self.save()
+
     def central_bank(self) -> str:
         return next(record["id"] for record in self.description["institutions"] if record["role"] == "central_bank")
 
     def customer_accounts(self) -> list[dict[str, str]]:
         return [account for record in self.description["institutions"] for account in record["accounts"]]
 
-    def sign(self, body: Transfer | OpenAccount | Issue, signer: str) -> bytes:
+    def sign(self, body: Body, signer: str) -> bytes:
         return sign_entry(body, cluster_id=self.cluster_id, signer=signer, signing_key=self.institution_key(signer))
 
     def transfer(self, debit: str, credit: str, amount: int, currency: str, transfer_id: bytes | None = None) -> bytes:
@@ -524,7 +589,7 @@ class LocalCluster:
             institution = record["id"]
             needed: dict[str, int] = {}
             for account in record["accounts"]:
-                entries.append(self.sign(OpenAccount(account["account"], account["currency"]), institution))
+                entries.append(self.sign(OpenAccount(account["account"], account["currency"], tier="full"), institution))
                 amount = customer_funding[account["currency"]]
                 needed[account["currency"]] = needed.get(account["currency"], 0) + amount
                 payouts.append(

@@ -14,7 +14,6 @@ frame_header = struct.Struct(">I")
 frame_bytes_max_default = 1 << 20
 # Below any frame limit a node may be configured with: enough for an error reply to any request.
 submit_entries_max = 8192
-account_characters_max = 64
 request_id_max = 2**63 - 1
 
 # Error codes a client can act on. `busy`, `no_leader`, `not_ready` and `timeout` are retryable with the
@@ -110,28 +109,32 @@ class SubmitRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class LookupTransferRequest:
-    request_id: int
-    transfer_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BalanceRequest:
-    request_id: int
-    account: str
-
-
-@dataclass(frozen=True, slots=True)
-class SimpleRequest:
-    """Requests with no arguments: `status`, `totals`, `accounts`."""
+class QueryRequest:
+    """A read: `operation` and its checked `arguments` (see `query_operations`)."""
 
     request_id: int
     operation: str
+    arguments: dict[str, Any]
 
 
-Request = SubmitRequest | LookupTransferRequest | BalanceRequest | SimpleRequest
+Request = SubmitRequest | QueryRequest
 
-_simple_operations = frozenset({"status", "totals", "accounts"})
+# Queries and their arguments: name -> (type, required). Values are checked for type and, below, range.
+query_operations: dict[str, dict[str, tuple[type, bool]]] = {
+    "status": {},
+    "totals": {},
+    "accounts": {},
+    "nodes": {},
+    "lookup_transfer": {"transfer_id": (bytes, True)},
+    "transfers_by_reference": {"reference": (str, True), "limit": (int, False)},
+    "balance": {"account": (str, True), "as_of_index": (int, False)},
+    "history": {"account": (str, True), "start_ms": (int, False), "end_ms": (int, False), "limit": (int, False), "cursor": (bytes, False)},
+    "institution": {"institution": (str, True)},
+    "alias": {"alias": (str, True)},
+}
+query_string_characters_max = 96
+query_limit_max = 1000
+query_cursor_bytes_max = 64
 
 
 def _field(message: dict[str, Any], name: str, expected: type, request_id: int | None) -> Any:
@@ -145,46 +148,56 @@ def _field(message: dict[str, Any], name: str, expected: type, request_id: int |
     return value
 
 
+def _submit(message: dict[str, Any], request_id: int) -> SubmitRequest:
+    entries = _field(message, "entries", list, request_id)
+    if len(entries) > submit_entries_max:
+        raise ProtocolError(ERROR_TOO_MANY_ENTRIES, f"{len(entries)} entries; the limit is {submit_entries_max}", request_id)
+    for position, entry in enumerate(entries):
+        if type(entry) is not bytes:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, f"entries[{position}] must be bytes", request_id)
+        if len(entry) > entry_bytes_max:
+            raise ProtocolError(
+                ERROR_MALFORMED_REQUEST, f"entries[{position}] is {len(entry)} bytes; the limit is {entry_bytes_max}", request_id
+            )
+    forwarded = message.get("forwarded", False)
+    if type(forwarded) is not bool:
+        raise ProtocolError(ERROR_MALFORMED_REQUEST, "field 'forwarded' must be a bool", request_id)
+    return SubmitRequest(request_id, tuple(entries), forwarded)
+
+
+def _query(operation: str, message: dict[str, Any], request_id: int) -> QueryRequest:
+    arguments = {}
+    for name, (expected, required) in query_operations[operation].items():
+        if name not in message:
+            if required:
+                raise ProtocolError(ERROR_MALFORMED_REQUEST, f"missing field {name!r}", request_id)
+            continue
+        value = _field(message, name, expected, request_id)
+        if expected is str and len(value) > query_string_characters_max:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, f"field {name!r} is too long", request_id)
+        if expected is int and not 0 <= value <= request_id_max:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, f"field {name!r} must be a non-negative integer", request_id)
+        if name == "limit" and not 1 <= value <= query_limit_max:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, f"limit must be 1..{query_limit_max}", request_id)
+        if name == "transfer_id" and len(value) != 16:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, "transfer_id must be 16 bytes", request_id)
+        if name == "cursor" and len(value) > query_cursor_bytes_max:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, "cursor is too long", request_id)
+        arguments[name] = value
+    return QueryRequest(request_id, operation, arguments)
+
+
 def parse_request(message: dict[str, Any]) -> Request:
     request_id = message.get("id")
     if type(request_id) is not int or not 0 <= request_id <= request_id_max:
         raise ProtocolError(ERROR_MALFORMED_REQUEST, "field 'id' must be a non-negative integer")
     operation = _field(message, "op", str, request_id)
-    allowed = {"id", "op"}
     if operation == "submit":
-        allowed |= {"entries", "forwarded"}
-        entries = _field(message, "entries", list, request_id)
-        if len(entries) > submit_entries_max:
-            raise ProtocolError(
-                ERROR_TOO_MANY_ENTRIES, f"{len(entries)} entries; the limit is {submit_entries_max}", request_id
-            )
-        for position, entry in enumerate(entries):
-            if type(entry) is not bytes:
-                raise ProtocolError(ERROR_MALFORMED_REQUEST, f"entries[{position}] must be bytes", request_id)
-            if len(entry) > entry_bytes_max:
-                raise ProtocolError(
-                    ERROR_MALFORMED_REQUEST,
-                    f"entries[{position}] is {len(entry)} bytes; the limit is {entry_bytes_max}",
-                    request_id,
-                )
-        forwarded = message.get("forwarded", False)
-        if type(forwarded) is not bool:
-            raise ProtocolError(ERROR_MALFORMED_REQUEST, "field 'forwarded' must be a bool", request_id)
-        request: Request = SubmitRequest(request_id, tuple(entries), forwarded)
-    elif operation == "lookup_transfer":
-        allowed |= {"transfer_id"}
-        transfer_id = _field(message, "transfer_id", bytes, request_id)
-        if len(transfer_id) != 16:
-            raise ProtocolError(ERROR_MALFORMED_REQUEST, "transfer_id must be 16 bytes", request_id)
-        request = LookupTransferRequest(request_id, transfer_id)
-    elif operation == "balance":
-        allowed |= {"account"}
-        account = _field(message, "account", str, request_id)
-        if len(account) > account_characters_max:
-            raise ProtocolError(ERROR_MALFORMED_REQUEST, "account name is too long", request_id)
-        request = BalanceRequest(request_id, account)
-    elif operation in _simple_operations:
-        request = SimpleRequest(request_id, operation)
+        allowed = {"id", "op", "entries", "forwarded"}
+        request: Request = _submit(message, request_id)
+    elif operation in query_operations:
+        allowed = {"id", "op", *query_operations[operation]}
+        request = _query(operation, message, request_id)
     else:
         raise ProtocolError(ERROR_UNKNOWN_OPERATION, f"unknown operation {operation!r}", request_id)
     unknown = set(message) - allowed

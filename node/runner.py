@@ -22,6 +22,8 @@ logger = logging.getLogger("tonle.node")
 
 # sysexits.h: EX_CONFIG. A supervisor should not restart a node that refuses its configuration.
 exit_code_configuration = 78
+# How often the leader checks for due pending-transfer expiries and idle checkpoints.
+housekeeping_interval_seconds = 0.2
 
 
 def run_node(config_path: Path) -> int:
@@ -79,15 +81,15 @@ async def _serve(node: LedgerNode) -> None:
         spec.client_address,
         spec.admin_address,
     )
-    checkpoints = loop.create_task(_idle_checkpoints(node, stop))
+    housekeeping = loop.create_task(_housekeeping(node, stop))
     await stop.wait()
-    checkpoints.cancel()
+    housekeeping.cancel()
     logger.info("stopping on signal")
     await api.close()
     await admin.close()
 
 
-async def _idle_checkpoints(node: LedgerNode, stop: asyncio.Event) -> None:
+async def _housekeeping(node: LedgerNode, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        await asyncio.sleep(1.0)
-        node.propose_idle_checkpoint()
+        await asyncio.sleep(housekeeping_interval_seconds)
+        node.propose_housekeeping()

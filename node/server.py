@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.keys import load_signing_key
-from config.schema import Genesis, NodeConfig, NodeRole
+from config.schema import Address, Genesis, NodeConfig, NodeRole, NodeSpec
 from consensus.batch import Batch, Checkpoint, encode_batch
 from consensus.codec import pack
-from consensus.entries import EntryError, SignedEntry, decode_entry, entry_key
+from consensus.entries import EntryError, SignedEntry, Transfer, TransferFlags, decode_entry, entry_key
 from consensus.proposer import Proposer, ProposerLimits
 from consensus.raft.adapter import RaftEvents, RaftNode
 from node.failpoints import enabled_failpoints
@@ -25,14 +25,12 @@ from node.protocol import (
     STATUS_APPLIED,
     STATUS_REJECTED,
     STATUS_UNKNOWN,
-    BalanceRequest,
-    LookupTransferRequest,
-    Request,
-    SimpleRequest,
+    QueryRequest,
     SubmitRequest,
 )
 from node.verifier import SignatureVerifier
 from storage import queries
+from storage.records import earliest_expiry_ms
 from storage.rules import AppliedBatch, initialize
 from storage.state import StateTransaction, open_store
 
@@ -52,6 +50,16 @@ forward_timeout_seconds = 5.0
 
 class StartupError(RuntimeError):
     """The node cannot start with this configuration or data directory; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """An entry of a submit request that decoded: where it was, what it is, what its outcome is keyed by."""
+
+    position: int
+    entry: SignedEntry
+    key: bytes
+    linked: bool
 
 
 @dataclass(slots=True)
@@ -103,8 +111,8 @@ class LedgerNode:
     def __init__(self, config: NodeConfig, genesis: Genesis) -> None:
         self.config = config
         self.genesis = genesis
-        self.spec = genesis.node(config.name)
         self.node_key = load_signing_key(config.key_file)
+        self.spec = self._own_spec(config, genesis)
         if bytes(self.node_key.verify_key) != self.spec.public_key:
             raise StartupError(
                 f"key file {config.key_file} does not hold the key the genesis names for node {self.spec.name}"
@@ -139,6 +147,21 @@ class LedgerNode:
         self._last_proposal_time = 0.0
 
     # Start-up -------------------------------------------------------------------------------------------
+
+    def _own_spec(self, config: NodeConfig, genesis: Genesis) -> NodeSpec:
+        """From the genesis, or, for an institution node admitted later, from the [join] section."""
+        if not config.join.requested:
+            return genesis.node(config.name)
+        join = config.join
+        return NodeSpec(
+            name=config.name,
+            role=NodeRole.INSTITUTION,
+            institution=join.institution,
+            raft_address=Address.parse(join.raft_address),
+            client_address=Address.parse(join.client_address),
+            admin_address=Address.parse(join.admin_address),
+            public_key=bytes(self.node_key.verify_key),
+        )
 
     def _initialize_state(self) -> None:
         with self.store.write() as transaction:
@@ -198,6 +221,7 @@ class LedgerNode:
                 "result": outcome.result,
                 "index": batch.index,
                 "original": outcome.original_result,
+                "amount": outcome.amount,
             }
             for waiter in waiters:
                 self._waiter_count -= 1
@@ -230,11 +254,11 @@ class LedgerNode:
     async def submit(self, request: SubmitRequest) -> list[dict[str, Any]]:
         """Check, verify and route a client's entries; wait for their outcomes (unless forwarded)."""
         results: list[dict[str, Any] | None] = [None] * len(request.entries)
-        candidates: list[tuple[int, SignedEntry, bytes]] = []
+        candidates: list[_Candidate] = []
         for position, raw in enumerate(request.entries):
             try:
                 entry = decode_entry(raw)
-                key = entry_key(entry.body())
+                body = entry.body()
             except EntryError as error:
                 results[position] = self._rejected(error.code, error.message)
                 continue
@@ -243,25 +267,61 @@ class LedgerNode:
                     "wrong_network", f"entry is for network {entry.cluster_id!r}, this is {self.genesis.cluster_id!r}"
                 )
                 continue
-            candidates.append((position, entry, key))
+            linked = isinstance(body, Transfer) and TransferFlags.LINKED in TransferFlags(body.flags)
+            candidates.append(_Candidate(position, entry, entry_key(entry, body), linked))
         if candidates:
             started = time.perf_counter()
-            futures = self.verifier.verify_many([entry for _, entry, _ in candidates])
+            futures = self.verifier.verify_many([candidate.entry for candidate in candidates])
             validity: list[bool] = []
             for future in futures:
                 validity.extend(await asyncio.wrap_future(future))
             self.metrics.signature_verification.observe(time.perf_counter() - started)
-            accepted = []
-            for (position, entry, key), valid in zip(candidates, validity, strict=True):
-                if valid:
-                    accepted.append((position, entry, key))
-                else:
-                    results[position] = self._rejected(
+            for candidate, valid in zip(candidates, validity, strict=True):
+                if not valid:
+                    results[candidate.position] = self._rejected(
                         "signature_invalid", "the signature does not verify for this network, kind and body"
                     )
-            if accepted:
-                await self._route(request, accepted, results)
+            units = self._units(request, candidates, results)
+            if units:
+                await self._route(request, units, results)
         return [result if result is not None else self._unknown("internal") for result in results]
+
+    def _units(
+        self, request: SubmitRequest, candidates: list[_Candidate], results: list[dict[str, Any] | None]
+    ) -> list[list[_Candidate]]:
+        """Group entries into what must travel together: linked chains whole, other entries alone.
+
+        A chain is a run of consecutive entries of the request, each but the last flagged `linked`. If any
+        member was refused on intake, or the request ends inside a chain, or the chain cannot fit in one
+        batch, the whole chain is refused: logging part of it would change what it means.
+        """
+        linked_after = {candidate.position: candidate.linked for candidate in candidates}
+        units: list[list[_Candidate]] = []
+        chain: list[int] = []
+        by_position = {candidate.position: candidate for candidate in candidates}
+        for position in range(len(request.entries)):
+            chain.append(position)
+            if linked_after.get(position, False):
+                continue
+            members, chain = chain, []
+            refused = [p for p in members if results[p] is not None or p not in by_position]
+            if refused and len(members) > 1:
+                for p in members:
+                    if results[p] is None:
+                        results[p] = self._rejected("linked_event_failed", f"entry {refused[0]} of its chain was refused")
+                continue
+            if refused:
+                continue
+            unit = [by_position[p] for p in members]
+            if not self.proposer.fits(tuple(candidate.entry.raw for candidate in unit)):
+                for candidate in unit:
+                    results[candidate.position] = self._rejected("linked_chain_too_large", "a linked chain must fit in one batch")
+                continue
+            units.append(unit)
+        for position in chain:
+            if results[position] is None:
+                results[position] = self._rejected("linked_event_chain_open", "the request ends inside a linked chain")
+        return units
 
     def _rejected(self, code: str, message: str) -> dict[str, Any]:
         self.metrics.entries_rejected.labels(code).inc()
@@ -271,46 +331,42 @@ class LedgerNode:
     def _unknown(reason: str) -> dict[str, Any]:
         return {"status": STATUS_UNKNOWN, "result": reason, "index": None, "original": None}
 
-    async def _route(
-        self,
-        request: SubmitRequest,
-        accepted: list[tuple[int, SignedEntry, bytes]],
-        results: list[dict[str, Any] | None],
-    ) -> None:
+    async def _route(self, request: SubmitRequest, units: list[list[_Candidate]], results: list[dict[str, Any] | None]) -> None:
+        accepted = [candidate for unit in units for candidate in unit]
         if not request.forwarded and self._waiter_count + len(accepted) > outcome_waiters_max:
-            for position, _, _ in accepted:
-                results[position] = self._rejected(ERROR_BUSY, "too many outcomes awaited; retry later")
+            for candidate in accepted:
+                results[candidate.position] = self._rejected(ERROR_BUSY, "too many outcomes awaited; retry later")
             return
-        raws = [entry.raw for _, entry, _ in accepted]
         if self.raft.is_leader():
-            if not self.proposer.offer(raws, _now_microseconds()):
-                for position, _, _ in accepted:
-                    results[position] = self._rejected(ERROR_BUSY, "the proposer queue is full; retry later")
+            encoded = [tuple(candidate.entry.raw for candidate in unit) for unit in units]
+            if not self.proposer.offer(encoded, _now_microseconds()):
+                for candidate in accepted:
+                    results[candidate.position] = self._rejected(ERROR_BUSY, "the proposer queue is full; retry later")
                 return
             self.metrics.proposer_queue.set(len(self.proposer))
             self._schedule_flush()
             if request.forwarded:
-                for position, _, _ in accepted:
-                    results[position] = {"status": "accepted", "result": "queued", "index": None, "original": None}
+                for candidate in accepted:
+                    results[candidate.position] = {"status": "accepted", "result": "queued", "index": None, "original": None}
                 return
         elif request.forwarded:
-            for position, _, _ in accepted:
-                results[position] = self._rejected(ERROR_NO_LEADER, "this node is not the leader")
+            for candidate in accepted:
+                results[candidate.position] = self._rejected(ERROR_NO_LEADER, "this node is not the leader")
             return
-        waiters = [(position, self._await_outcome(key)) for position, _, key in accepted]
+        waiters = [(candidate, self._await_outcome(candidate.key)) for candidate in accepted]
         if not self.raft.is_leader():
-            refusals = await self._forward(raws)
-            for (_position, waiter), refusal in zip(waiters, refusals, strict=True):
+            refusals = await self._forward([candidate.entry.raw for candidate in accepted])
+            for (_candidate, waiter), refusal in zip(waiters, refusals, strict=True):
                 if refusal is not None and not waiter.done():
                     waiter.set_result(self._rejected(refusal, f"the leader did not take the entry: {refusal}"))
         timeout_seconds = self.config.api.request_timeout_ms / 1000
         done, _pending = await asyncio.wait([waiter for _, waiter in waiters], timeout=timeout_seconds)
-        for (position, _, key), (_, waiter) in zip(accepted, waiters, strict=True):
+        for candidate, waiter in waiters:
             if waiter in done:
-                results[position] = waiter.result()
+                results[candidate.position] = waiter.result()
             else:
                 waiter.cancel()
-                results[position] = self._outcome_from_state(key) or self._unknown("timeout")
+                results[candidate.position] = self._outcome_from_state(candidate.key) or self._unknown("timeout")
 
     def _await_outcome(self, key: bytes) -> asyncio.Future[dict[str, Any]]:
         future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
@@ -334,12 +390,14 @@ class LedgerNode:
             record = queries.transfer(transaction, key[1:])
         if record is None:
             return None
-        return {"status": STATUS_APPLIED, "result": record["result"], "index": record["index"], "original": None}
+        return {"status": STATUS_APPLIED, "result": record["result"], "index": record["index"], "original": None,
+                "amount": record["amount_moved"]}
 
     def _fail_waiters(self, entries: list[bytes], reason: str) -> None:
         for raw in entries:
             try:
-                key = entry_key(decode_entry(raw).body())
+                entry = decode_entry(raw)
+                key = entry_key(entry, entry.body())
             except EntryError:
                 continue
             for waiter in self._waiters.get(key, [])[:]:
@@ -384,6 +442,9 @@ class LedgerNode:
             if self._proposals and not self.proposer.has_full_batch() and due is not None and now < due:
                 break
             started = time.perf_counter()
+            oldest = self.proposer.oldest_enqueued_microseconds
+            if oldest is not None:
+                self.metrics.queue_wait.observe(max(0, now - oldest) / 1_000_000)
             checkpoint = None
             if self._last_applied is not None:
                 checkpoint = Checkpoint(self._last_applied.index, self._last_applied.state_hash)
@@ -399,22 +460,29 @@ class LedgerNode:
         if len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
             self._schedule_flush()
 
-    def propose_idle_checkpoint(self) -> None:
-        """Leader, nothing queued or in flight: carry the latest state hash in an empty batch."""
+    def propose_housekeeping(self) -> None:
+        """Leader, nothing queued or in flight: propose an empty batch when a pending transfer's timeout has
+        passed (expiry happens when a batch carries the cluster time past it), or when the state changed
+        since the last checkpoint and none was carried for a while (replicas keep comparing when idle)."""
         last = self._last_applied
-        if (
-            last is None
-            or not self.raft.is_leader()
-            or self._proposals
-            or len(self.proposer)
-            or last.index <= self._last_checkpoint_index
-            or self._state_hash_history.get(self._last_checkpoint_index) == last.state_hash
-            or time.monotonic() - self._last_proposal_time < checkpoint_interval_seconds
-        ):
+        if not self.raft.is_leader() or self._proposals or len(self.proposer):
             return
-        checkpoint = Checkpoint(last.index, last.state_hash)
-        self._last_checkpoint_index = last.index
-        self._propose(encode_batch(Batch(int(time.time() * 1000), checkpoint, ())), [])
+        with self.store.read() as transaction:
+            earliest = earliest_expiry_ms(transaction)
+        now_ms = int(time.time() * 1000)
+        expiry_due = earliest is not None and earliest <= now_ms
+        checkpoint_due = (
+            last is not None
+            and last.index > self._last_checkpoint_index
+            and self._state_hash_history.get(self._last_checkpoint_index) != last.state_hash
+            and time.monotonic() - self._last_proposal_time >= checkpoint_interval_seconds
+        )
+        if not expiry_due and not checkpoint_due:
+            return
+        checkpoint = None if last is None else Checkpoint(last.index, last.state_hash)
+        if checkpoint is not None:
+            self._last_checkpoint_index = checkpoint.index
+        self._propose(encode_batch(Batch(now_ms, checkpoint, ())), [])
 
     def _propose(self, batch_bytes: bytes, entries: list[bytes]) -> None:
         self._last_proposal_time = time.monotonic()
@@ -449,19 +517,45 @@ class LedgerNode:
 
     # Queries ------------------------------------------------------------------------------------------------
 
-    def handle_query(self, request: Request) -> dict[str, Any]:
+    def handle_query(self, request: QueryRequest) -> dict[str, Any]:
+        """Answer a read from this node's applied state (as of its applied index, which is in the reply)."""
+        arguments = request.arguments
+        operation = request.operation
+        if operation == "status":
+            return {"status": self.status()}
         with self.store.read() as transaction:
-            if isinstance(request, LookupTransferRequest):
-                record = queries.transfer(transaction, request.transfer_id)
+            if operation == "lookup_transfer":
+                record = queries.transfer(transaction, arguments["transfer_id"])
                 return {"found": record is not None, "transfer": record}
-            if isinstance(request, BalanceRequest):
-                balance = queries.balance(transaction, request.account)
+            if operation == "transfers_by_reference":
+                found = queries.transfers_with_reference(transaction, arguments["reference"], arguments.get("limit", 100))
+                return {"transfers": found}
+            if operation == "balance":
+                balance = queries.balance(transaction, arguments["account"], arguments.get("as_of_index"))
                 return {"found": balance is not None, "balance": balance}
-            if isinstance(request, SimpleRequest) and request.operation == "totals":
+            if operation == "history":
+                found = queries.history(
+                    transaction,
+                    arguments["account"],
+                    start_ms=arguments.get("start_ms", 0),
+                    end_ms=arguments.get("end_ms", 2**63 - 1),
+                    limit=arguments.get("limit", 100),
+                    cursor=arguments.get("cursor"),
+                )
+                return {"found": found is not None, "history": found}
+            if operation == "institution":
+                record = queries.institution(transaction, arguments["institution"])
+                return {"found": record is not None, "institution": record}
+            if operation == "alias":
+                record = queries.alias(transaction, arguments["alias"])
+                return {"found": record is not None, "alias": record}
+            if operation == "totals":
                 return {"totals": queries.totals(transaction), **self._position(transaction)}
-            if isinstance(request, SimpleRequest) and request.operation == "accounts":
+            if operation == "accounts":
                 return {"accounts": queries.accounts(transaction)}
-        return {"status": self.status()}
+            if operation == "nodes":
+                return {"nodes": queries.nodes(transaction)}
+        raise ValueError(f"no handler for {operation}")
 
     def _position(self, transaction) -> dict[str, Any]:
         summary = transaction.summary()

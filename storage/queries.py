@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from consensus.entries import EntryError, Issue, Transfer, decode_entry
-from storage.records import AccountKind, get_account, get_balance, get_transfer, list_accounts, list_currencies
+from consensus.entries import EntryError, Issue, Redeem, Transfer, decode_entry
+from storage.records import (
+    AccountKind,
+    Balance,
+    account_history,
+    balance_at,
+    get_account,
+    get_alias,
+    get_balance,
+    get_institution,
+    get_pending,
+    get_transfer,
+    list_accounts,
+    list_currencies,
+    list_nodes,
+    time_of_index,
+    transfers_by_reference,
+)
 from storage.state import StateTransaction
+
+history_limit_max = 1000
+reference_limit_max = 1000
 
 
 def transfer(transaction: StateTransaction, transfer_id: bytes) -> dict[str, Any] | None:
@@ -19,6 +38,7 @@ def transfer(transaction: StateTransaction, transfer_id: bytes) -> dict[str, Any
         "result": record.result,
         "index": record.index,
         "cluster_time_ms": record.cluster_time_ms,
+        "amount_moved": record.amount,
         "entry": record.entry,
     }
     try:
@@ -29,29 +49,98 @@ def transfer(transaction: StateTransaction, transfer_id: bytes) -> dict[str, Any
     details["signer"] = entry.signer
     if isinstance(body, Transfer):
         details.update(
-            debit_account=body.debit_account, credit_account=body.credit_account, amount=body.amount, currency=body.currency
+            debit_account=body.debit_account, credit_account=body.credit_account, amount=body.amount,
+            currency=body.currency, flags=body.flags, pending_id=body.pending_id, timeout_seconds=body.timeout_seconds,
+            reference=body.reference, code=body.code,
         )
     elif isinstance(body, Issue):
         details.update(credit_account=body.credit_account, amount=body.amount, currency=body.currency)
+    elif isinstance(body, Redeem):
+        details.update(debit_account=body.debit_account, amount=body.amount, currency=body.currency)
+    pending = get_pending(transaction, transfer_id)
+    if pending is not None:
+        details["pending"] = {
+            "state": str(pending.state), "amount": pending.amount, "expires_at_ms": pending.expires_at_ms,
+            "resolved_index": pending.resolved_index, "posted_amount": pending.posted_amount,
+        }
     return details
 
 
-def balance(transaction: StateTransaction, account_name: str) -> dict[str, Any] | None:
-    account = get_account(transaction, account_name)
+def transfers_with_reference(transaction: StateTransaction, reference: str, limit: int) -> list[dict[str, Any]]:
+    ids = transfers_by_reference(transaction, reference, min(limit, reference_limit_max))
+    return [found for transfer_id in ids if (found := transfer(transaction, transfer_id)) is not None]
+
+
+def _balance_fields(balance: Balance) -> dict[str, int]:
+    return {
+        "debits_posted": balance.debits_posted,
+        "credits_posted": balance.credits_posted,
+        "debits_pending": balance.debits_pending,
+        "credits_pending": balance.credits_pending,
+        "balance": balance.net,
+    }
+
+
+def _resolve(transaction: StateTransaction, name: str):
+    if name.startswith("+"):
+        target = get_alias(transaction, name)
+        if target is None:
+            return None
+        name = target
+    return get_account(transaction, name)
+
+
+def balance(transaction: StateTransaction, account_name: str, as_of_index: int | None = None) -> dict[str, Any] | None:
+    """An account's balance now, or as it was after the given applied index (from its history)."""
+    account = _resolve(transaction, account_name)
     if account is None:
         return None
-    counters = get_balance(transaction, account.number)
-    return {
+    document = {
         "account": account.name,
         "currency": account.currency,
         "institution": account.institution,
         "kind": str(account.kind),
-        "debits_posted": counters.debits_posted,
-        "credits_posted": counters.credits_posted,
-        "debits_pending": counters.debits_pending,
-        "credits_pending": counters.credits_pending,
-        "balance": counters.net,
+        "tier": account.tier,
+        "flags": int(account.flags),
+        "code": account.code,
+        "user_data": account.user_data,
+        "closed": account.closed,
+        "frozen": account.frozen,
         "applied_index": transaction.applied_index(),
+    }
+    if as_of_index is None or as_of_index >= transaction.applied_index():
+        return {**document, **_balance_fields(get_balance(transaction, account.number))}
+    if as_of_index < account.opened_index:
+        return None
+    cluster_time_ms = time_of_index(transaction, as_of_index)
+    past = None if cluster_time_ms is None else balance_at(transaction, account.number, cluster_time_ms, as_of_index)
+    return {**document, "as_of_index": as_of_index, **_balance_fields(past or Balance())}
+
+
+def history(
+    transaction: StateTransaction, account_name: str, *, start_ms: int, end_ms: int, limit: int, cursor: bytes | None
+) -> dict[str, Any] | None:
+    """An account's balance changes, newest first, each with the balance after it."""
+    account = _resolve(transaction, account_name)
+    if account is None:
+        return None
+    events, next_cursor = account_history(
+        transaction, account.number, end_ms=end_ms, start_ms=start_ms, limit=min(limit, history_limit_max), before_key=cursor
+    )
+    return {
+        "account": account.name,
+        "events": [
+            {
+                "cluster_time_ms": event.cluster_time_ms,
+                "index": event.index,
+                "event": event.event,
+                "transfer_id": event.transfer_id,
+                "amount": event.amount,
+                **_balance_fields(event.balance),
+            }
+            for event in events
+        ],
+        "cursor": next_cursor,
     }
 
 
@@ -62,11 +151,43 @@ def accounts(transaction: StateTransaction) -> list[dict[str, Any]]:
     ]
 
 
-def totals(transaction: StateTransaction) -> dict[str, dict[str, int]]:
-    """Per currency: money issued, money held, and the double-entry sum (always zero).
+def institution(transaction: StateTransaction, institution_id: str) -> dict[str, Any] | None:
+    record = get_institution(transaction, institution_id)
+    if record is None:
+        return None
+    return {
+        "id": record.id,
+        "name": record.name,
+        "role": record.role,
+        "status": str(record.status),
+        "keys": [
+            {"public_key": key.public_key, "added_index": key.added_index, "retired_index": key.retired_index}
+            for key in record.keys
+        ],
+    }
 
-    `held` sums every customer and settlement account; it equals `issued` (what the issuance accounts
-    have paid out) exactly when no money was created or destroyed outside an issue.
+
+def alias(transaction: StateTransaction, alias_name: str) -> dict[str, Any] | None:
+    account = get_alias(transaction, alias_name)
+    return None if account is None else {"alias": alias_name, "account": account}
+
+
+def nodes(transaction: StateTransaction) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": node.name, "role": node.role, "institution": node.institution, "public_key": node.public_key,
+            "raft_address": node.raft_address, "client_address": node.client_address,
+            "admin_address": node.admin_address, "admitted_index": node.admitted_index,
+        }
+        for node in list_nodes(transaction)
+    ]
+
+
+def totals(transaction: StateTransaction) -> dict[str, dict[str, int]]:
+    """Per currency: money issued (net of redemptions), money held, and the double-entry sum (always zero).
+
+    `held` sums every customer and settlement account, posted balances only; it equals `issued` exactly
+    when no money was created or destroyed outside an issue or a redemption.
     """
     result = {currency.code: {"issued": 0, "held": 0, "net": 0} for currency in list_currencies(transaction)}
     for account in list_accounts(transaction):

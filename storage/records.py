@@ -1,20 +1,43 @@
-"""Typed state records (currencies, institutions, accounts, balances, transfers) and their byte layouts."""
+"""Typed state records and their byte layouts: currencies, institutions, nodes, accounts, balances, transfers,
+pending transfers and their expiry, aliases, history, daily outflow, references and batch times."""
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntFlag, StrEnum
 
 from consensus.codec import pack, unpack
+from consensus.entries import AccountFlags
 from storage.state import StateTransaction, StorageCorrupted
 
 # Balances are four unsigned 64-bit counters, as in TigerBeetle (which uses 128 bits); a transfer that
 # would carry one past this bound fails with an `overflows_*` result instead of wrapping.
 balance_counter_max = 2**64 - 1
+cluster_time_max_ms = 2**64 - 1
 
+_u64 = struct.Struct(">Q")
 _balance_layout = struct.Struct(">QQQQ")
-_account_number_layout = struct.Struct(">Q")
+_history_key = struct.Struct(">QQQI")  # account number, cluster time, raft index, event number in the batch
+_outflow_key = struct.Struct(">QI")  # account number, day
+_expiry_key = struct.Struct(">Q16s")  # expiry time, transfer id
+
+# KYC tiers: daily outflow limits per currency in minor units, NBC's tiers (research/domain.md §1.4).
+# `bank` is bank-to-bank via Bakong with full KYC; `unlimited` is for settlement and issuance accounts.
+kyc_daily_outflow_limits: dict[str, dict[str, int]] = {
+    "basic": {"KHR": 2_000_000, "USD": 50_000},
+    "intermediate": {"KHR": 12_000_000, "USD": 300_000},
+    "full": {"KHR": 40_000_000, "USD": 1_000_000},
+    "bank": {"KHR": 200_000_000, "USD": 5_000_000},
+    "unlimited": {},
+}
+# Days are counted in Phnom Penh time (UTC+7), on the cluster clock the leader stamps on each batch.
+phnom_penh_offset_ms = 7 * 3600 * 1000
+day_ms = 86_400_000
+
+
+def phnom_penh_day(cluster_time_ms: int) -> int:
+    return (cluster_time_ms + phnom_penh_offset_ms) // day_ms
 
 
 class AccountKind(StrEnum):
@@ -23,14 +46,22 @@ class AccountKind(StrEnum):
     ISSUANCE = "issuance"
 
 
-class AccountFlags(IntFlag):
-    NONE = 0
-    DEBITS_MUST_NOT_EXCEED_CREDITS = 1
-    CREDITS_MUST_NOT_EXCEED_DEBITS = 2
+class AccountStatus(IntFlag):
+    OPEN = 0
+    CLOSED = 1
+    FROZEN = 2
 
 
 class InstitutionStatus(StrEnum):
     ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+class PendingState(StrEnum):
+    PENDING = "pending"
+    POSTED = "posted"
+    VOIDED = "voided"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +71,42 @@ class CurrencyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One signing key of an institution and the log positions between which it could sign."""
+
+    public_key: bytes
+    added_index: int
+    retired_index: int = 0  # 0 while the key is current
+
+    @property
+    def current(self) -> bool:
+        return self.retired_index == 0
+
+
+@dataclass(frozen=True, slots=True)
 class InstitutionRecord:
     id: str
     name: str
     role: str
     status: InstitutionStatus
-    public_keys: tuple[bytes, ...]
+    keys: tuple[KeyRecord, ...]
+
+    def key(self, public_key: bytes) -> KeyRecord | None:
+        return next((key for key in self.keys if key.public_key == public_key), None)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node allowed on the Raft network: from the genesis, or admitted later (institution nodes)."""
+
+    name: str
+    role: str
+    institution: str
+    public_key: bytes
+    raft_address: str
+    client_address: str
+    admin_address: str
+    admitted_index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +117,19 @@ class AccountRecord:
     institution: str
     kind: AccountKind
     flags: AccountFlags
+    code: int
+    user_data: bytes
+    tier: str
+    status: AccountStatus
     opened_index: int
+
+    @property
+    def closed(self) -> bool:
+        return AccountStatus.CLOSED in self.status
+
+    @property
+    def frozen(self) -> bool:
+        return AccountStatus.FROZEN in self.status
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +147,42 @@ class Balance:
 
 @dataclass(frozen=True, slots=True)
 class TransferRecord:
-    """The pinned outcome of an id: the signed entry as submitted, its result and where it was applied."""
+    """The pinned outcome of an id: the signed entry as submitted, its result, the amount it moved
+    (balancing transfers may move less than they asked) and where it was applied."""
 
     kind: int
     entry: bytes
     result: str
     index: int
     cluster_time_ms: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRecord:
+    """A reservation made by a pending transfer, until it is posted, voided or expires."""
+
+    state: PendingState
+    debit_account: str
+    credit_account: str
+    amount: int
+    currency: str
+    expires_at_ms: int  # 0: never
+    created_day: int
+    resolved_index: int = 0
+    posted_amount: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One change to an account's balance, with the balance after it."""
+
+    cluster_time_ms: int
+    index: int
+    event: str  # "transfer" | "pending" | "post" | "void" | "expire" | "issue" | "redeem"
+    transfer_id: bytes
+    amount: int  # positive: credit to this account; negative: debit
+    balance: Balance
 
 
 def settlement_account(institution: str, currency: str) -> str:
@@ -98,12 +200,22 @@ def _corrupt(what: str, key: bytes) -> StorageCorrupted:
     return StorageCorrupted(f"{what} record {key!r} has an unexpected layout")
 
 
-def get_currency(transaction: StateTransaction, code: str) -> CurrencyRecord | None:
-    payload = transaction.get("currencies", code.encode())
+def _fields(transaction: StateTransaction, database: str, key: bytes, count: int) -> list | None:
+    payload = transaction.get(database, key)
     if payload is None:
         return None
-    fields = unpack(payload)
-    return CurrencyRecord(code=code, decimals=fields[0])
+    values = unpack(payload)
+    if type(values) is not list or len(values) != count:
+        raise _corrupt(database, key)
+    return values
+
+
+# Currencies -------------------------------------------------------------------------------------------
+
+
+def get_currency(transaction: StateTransaction, code: str) -> CurrencyRecord | None:
+    values = _fields(transaction, "currencies", code.encode(), 1)
+    return None if values is None else CurrencyRecord(code, values[0])
 
 
 def put_currency(transaction: StateTransaction, currency: CurrencyRecord) -> None:
@@ -114,36 +226,55 @@ def list_currencies(transaction: StateTransaction) -> list[CurrencyRecord]:
     return [CurrencyRecord(key.decode(), unpack(payload)[0]) for key, payload in transaction.items("currencies")]
 
 
+# Institutions and nodes ----------------------------------------------------------------------------------
+
+
 def get_institution(transaction: StateTransaction, institution_id: str) -> InstitutionRecord | None:
-    key = institution_id.encode()
-    payload = transaction.get("institutions", key)
-    if payload is None:
+    values = _fields(transaction, "institutions", institution_id.encode(), 4)
+    if values is None:
         return None
-    fields = unpack(payload)
-    if type(fields) is not list or len(fields) != 4:
-        raise _corrupt("institution", key)
-    name, role, status, keys = fields
-    return InstitutionRecord(institution_id, name, role, InstitutionStatus(status), tuple(keys))
+    name, role, status, keys = values
+    return InstitutionRecord(institution_id, name, role, InstitutionStatus(status), tuple(KeyRecord(*key) for key in keys))
 
 
 def put_institution(transaction: StateTransaction, institution: InstitutionRecord) -> None:
+    keys = [[key.public_key, key.added_index, key.retired_index] for key in institution.keys]
+    transaction.put("institutions", institution.id.encode(), pack([institution.name, institution.role, str(institution.status), keys]))
+
+
+def list_institutions(transaction: StateTransaction) -> list[InstitutionRecord]:
+    return [record for key, _ in transaction.items("institutions") if (record := get_institution(transaction, key.decode()))]
+
+
+def get_node(transaction: StateTransaction, name: str) -> NodeRecord | None:
+    values = _fields(transaction, "nodes", name.encode(), 7)
+    return None if values is None else NodeRecord(name, *values)
+
+
+def put_node(transaction: StateTransaction, node: NodeRecord) -> None:
     transaction.put(
-        "institutions",
-        institution.id.encode(),
-        pack([institution.name, institution.role, str(institution.status), list(institution.public_keys)]),
+        "nodes",
+        node.name.encode(),
+        pack([node.role, node.institution, node.public_key, node.raft_address, node.client_address, node.admin_address, node.admitted_index]),
     )
 
 
+def list_nodes(transaction: StateTransaction) -> list[NodeRecord]:
+    return [record for key, _ in transaction.items("nodes") if (record := get_node(transaction, key.decode()))]
+
+
+# Accounts and balances ---------------------------------------------------------------------------------
+
+
 def get_account(transaction: StateTransaction, name: str) -> AccountRecord | None:
-    key = name.encode()
-    payload = transaction.get("accounts", key)
-    if payload is None:
+    values = _fields(transaction, "accounts", name.encode(), 10)
+    if values is None:
         return None
-    fields = unpack(payload)
-    if type(fields) is not list or len(fields) != 6:
-        raise _corrupt("account", key)
-    number, currency, institution, kind, flags, opened_index = fields
-    return AccountRecord(name, number, currency, institution, AccountKind(kind), AccountFlags(flags), opened_index)
+    number, currency, institution, kind, flags, code, user_data, tier, status, opened_index = values
+    return AccountRecord(
+        name, number, currency, institution, AccountKind(kind), AccountFlags(flags), code, user_data, tier,
+        AccountStatus(status), opened_index,
+    )
 
 
 def put_account(transaction: StateTransaction, account: AccountRecord) -> None:
@@ -152,32 +283,25 @@ def put_account(transaction: StateTransaction, account: AccountRecord) -> None:
         account.name.encode(),
         pack(
             [
-                account.number,
-                account.currency,
-                account.institution,
-                str(account.kind),
-                int(account.flags),
-                account.opened_index,
+                account.number, account.currency, account.institution, str(account.kind), int(account.flags),
+                account.code, account.user_data, account.tier, int(account.status), account.opened_index,
             ]
         ),
     )
 
 
+def with_status(account: AccountRecord, status: AccountStatus) -> AccountRecord:
+    return replace(account, status=status)
+
+
 def list_accounts(transaction: StateTransaction) -> list[AccountRecord]:
-    accounts = []
-    for key, _payload in transaction.items("accounts"):
-        account = get_account(transaction, key.decode())
-        if account is not None:
-            accounts.append(account)
-    return accounts
+    return [record for key, _ in transaction.items("accounts") if (record := get_account(transaction, key.decode()))]
 
 
 def get_balance(transaction: StateTransaction, account_number: int) -> Balance:
-    key = _account_number_layout.pack(account_number)
+    key = _u64.pack(account_number)
     payload = transaction.get("balances", key)
-    if payload is None:
-        raise _corrupt("balance", key)
-    if len(payload) != _balance_layout.size:
+    if payload is None or len(payload) != _balance_layout.size:
         raise _corrupt("balance", key)
     return Balance(*_balance_layout.unpack(payload))
 
@@ -185,26 +309,171 @@ def get_balance(transaction: StateTransaction, account_number: int) -> Balance:
 def put_balance(transaction: StateTransaction, account_number: int, balance: Balance) -> None:
     transaction.put(
         "balances",
-        _account_number_layout.pack(account_number),
-        _balance_layout.pack(
-            balance.debits_posted, balance.credits_posted, balance.debits_pending, balance.credits_pending
-        ),
+        _u64.pack(account_number),
+        _balance_layout.pack(balance.debits_posted, balance.credits_posted, balance.debits_pending, balance.credits_pending),
     )
 
 
+# Transfers, pending transfers and their expiry -------------------------------------------------------
+
+
 def get_transfer(transaction: StateTransaction, transfer_id: bytes) -> TransferRecord | None:
-    payload = transaction.get("transfers", transfer_id)
-    if payload is None:
-        return None
-    fields = unpack(payload)
-    if type(fields) is not list or len(fields) != 5:
-        raise _corrupt("transfer", transfer_id)
-    return TransferRecord(*fields)
+    values = _fields(transaction, "transfers", transfer_id, 6)
+    return None if values is None else TransferRecord(*values)
 
 
 def put_transfer(transaction: StateTransaction, transfer_id: bytes, record: TransferRecord) -> None:
     transaction.put(
         "transfers",
         transfer_id,
-        pack([record.kind, record.entry, record.result, record.index, record.cluster_time_ms]),
+        pack([record.kind, record.entry, record.result, record.index, record.cluster_time_ms, record.amount]),
     )
+
+
+def get_pending(transaction: StateTransaction, transfer_id: bytes) -> PendingRecord | None:
+    values = _fields(transaction, "pending", transfer_id, 9)
+    if values is None:
+        return None
+    return PendingRecord(PendingState(values[0]), *values[1:])
+
+
+def put_pending(transaction: StateTransaction, transfer_id: bytes, record: PendingRecord) -> None:
+    transaction.put(
+        "pending",
+        transfer_id,
+        pack(
+            [
+                str(record.state), record.debit_account, record.credit_account, record.amount, record.currency,
+                record.expires_at_ms, record.created_day, record.resolved_index, record.posted_amount,
+            ]
+        ),
+    )
+
+
+def expiry_key(expires_at_ms: int, transfer_id: bytes) -> bytes:
+    return _expiry_key.pack(expires_at_ms, transfer_id)
+
+
+def due_expiries(transaction: StateTransaction, cluster_time_ms: int) -> list[tuple[bytes, bytes]]:
+    """(expiry key, transfer id) of every pending transfer whose timeout is at or before the given time."""
+    due = []
+    for key, _payload in transaction.items("expiry"):
+        expires_at_ms, transfer_id = _expiry_key.unpack(key)
+        if expires_at_ms > cluster_time_ms:
+            break
+        due.append((key, transfer_id))
+    return due
+
+
+def earliest_expiry_ms(transaction: StateTransaction) -> int | None:
+    for key, _payload in transaction.items("expiry"):
+        return _expiry_key.unpack(key)[0]
+    return None
+
+
+# Aliases -----------------------------------------------------------------------------------------------
+
+
+def get_alias(transaction: StateTransaction, alias: str) -> str | None:
+    payload = transaction.get("aliases", alias.encode())
+    return None if payload is None else payload.decode()
+
+
+def put_alias(transaction: StateTransaction, alias: str, account: str) -> None:
+    transaction.put("aliases", alias.encode(), account.encode())
+
+
+def aliases_of(transaction: StateTransaction, account: str) -> list[str]:
+    return [key.decode() for key, payload in transaction.items("aliases") if payload.decode() == account]
+
+
+# History, outflow, references and batch times ---------------------------------------------------------
+
+
+def put_history(transaction: StateTransaction, account_number: int, event_number: int, event: HistoryEvent) -> None:
+    key = _history_key.pack(account_number, event.cluster_time_ms, event.index, event_number)
+    balance = event.balance
+    transaction.put(
+        "history",
+        key,
+        pack(
+            [
+                event.event, event.transfer_id, event.amount,
+                balance.debits_posted, balance.credits_posted, balance.debits_pending, balance.credits_pending,
+            ]
+        ),
+    )
+
+
+def _history_event(key: bytes, payload: bytes) -> HistoryEvent:
+    _number, cluster_time_ms, index, _event_number = _history_key.unpack(key)
+    values = unpack(payload)
+    if type(values) is not list or len(values) != 7:
+        raise _corrupt("history", key)
+    return HistoryEvent(cluster_time_ms, index, values[0], values[1], values[2], Balance(*values[3:]))
+
+
+def account_history(
+    transaction: StateTransaction, account_number: int, *, end_ms: int, start_ms: int, limit: int, before_key: bytes | None
+) -> tuple[list[HistoryEvent], bytes | None]:
+    """Events of one account, newest first, with cluster time in [start_ms, end_ms]. Returns the events
+    and a cursor (the key to continue before) when more remain."""
+    prefix = _u64.pack(account_number)
+    before = before_key if before_key is not None else _history_key.pack(account_number, min(end_ms, cluster_time_max_ms - 1) + 1, 0, 0)
+    events, last_key = [], None
+    for key, payload in transaction.items_reverse("history", prefix, before):
+        event = _history_event(key, payload)
+        if event.cluster_time_ms < start_ms:
+            return events, None
+        if len(events) == limit:
+            return events, last_key
+        events.append(event)
+        last_key = key
+    return events, None
+
+
+def balance_at(transaction: StateTransaction, account_number: int, cluster_time_ms: int, index: int) -> Balance | None:
+    """The balance after the last event at or before (cluster time, raft index); None if there was none."""
+    prefix = _u64.pack(account_number)
+    before = _history_key.pack(account_number, cluster_time_ms, index, 2**32 - 1)
+    for key, payload in transaction.items_reverse("history", prefix, before + b"\xff"):
+        return _history_event(key, payload).balance
+    return None
+
+
+def get_outflow(transaction: StateTransaction, account_number: int, day: int) -> int:
+    payload = transaction.get("outflow", _outflow_key.pack(account_number, day))
+    return 0 if payload is None else _u64.unpack(payload)[0]
+
+
+def put_outflow(transaction: StateTransaction, account_number: int, day: int, amount: int) -> None:
+    transaction.put("outflow", _outflow_key.pack(account_number, day), _u64.pack(amount))
+
+
+def put_reference(transaction: StateTransaction, reference: str, transfer_id: bytes) -> None:
+    transaction.put("references", reference.encode() + b"\x00" + transfer_id, b"")
+
+
+def transfers_by_reference(transaction: StateTransaction, reference: str, limit: int) -> list[bytes]:
+    prefix = reference.encode() + b"\x00"
+    return [key[len(prefix) :] for key, _ in _take(transaction.items("references", prefix), limit)]
+
+
+def _take(iterator, limit: int) -> list:
+    taken = []
+    for item in iterator:
+        if len(taken) == limit:
+            break
+        taken.append(item)
+    return taken
+
+
+def put_batch_time(transaction: StateTransaction, index: int, cluster_time_ms: int) -> None:
+    transaction.put("batch_times", _u64.pack(index), _u64.pack(cluster_time_ms))
+
+
+def time_of_index(transaction: StateTransaction, index: int) -> int | None:
+    """The cluster time of the last batch at or before `index` (time only moves with batches)."""
+    for key, payload in transaction.items_reverse("batch_times", b"", _u64.pack(index + 1)):
+        return _u64.unpack(payload)[0]
+    return None

@@ -1,54 +1,111 @@
-"""The deterministic apply: one Raft entry (a batch) against one LMDB transaction, exactly once."""
+"""The deterministic apply: one Raft entry (a batch) against one LMDB transaction, exactly once.
+
+Every entry gets exactly one result: the first rule that fails, in the order the checks below are written
+(README "Results" lists them). Nothing here reads a clock, a socket or a random source: time is the
+cluster time the leader stamped on the batch, so every node computes the same results.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from config.schema import Genesis, Role
 from consensus.batch import BatchError, Checkpoint, decode_batch
 from consensus.entries import (
+    AccountFlags,
+    AdmitInstitution,
+    AdmitNode,
+    Body,
+    CloseAccount,
     EntryError,
-    EntryKind,
+    FreezeAccount,
     Issue,
     OpenAccount,
+    Redeem,
+    RegisterAlias,
+    ReinstateInstitution,
+    RotateKey,
+    SetKycTier,
     SignedEntry,
+    SuspendInstitution,
     Transfer,
+    TransferFlags,
+    UnfreezeAccount,
+    UnregisterAlias,
+    alias_pattern,
     decode_entry,
     entry_key,
+    transfer_like_kinds,
 )
 from storage.records import (
-    AccountFlags,
     AccountKind,
     AccountRecord,
+    AccountStatus,
     Balance,
     CurrencyRecord,
+    HistoryEvent,
     InstitutionRecord,
     InstitutionStatus,
+    KeyRecord,
+    NodeRecord,
+    PendingRecord,
+    PendingState,
     TransferRecord,
+    aliases_of,
     balance_counter_max,
+    cluster_time_max_ms,
+    due_expiries,
+    expiry_key,
     get_account,
+    get_alias,
     get_balance,
     get_currency,
     get_institution,
+    get_node,
+    get_outflow,
+    get_pending,
     get_transfer,
     issuance_account,
+    kyc_daily_outflow_limits,
+    list_currencies,
+    list_institutions,
+    list_nodes,
+    phnom_penh_day,
     put_account,
+    put_alias,
     put_balance,
+    put_batch_time,
     put_currency,
+    put_history,
     put_institution,
+    put_node,
+    put_outflow,
+    put_pending,
+    put_reference,
     put_transfer,
     reserved_account_prefixes,
     settlement_account,
+    with_status,
 )
-from storage.state import StateTransaction
+from storage.state import StateTransaction, StorageCorrupted
 
-# Results. A client sees exactly one per entry: the first rule that fails, in the order checked below.
 OK = "ok"
 EXISTS = "exists"
 EXISTS_WITH_DIFFERENT_FIELDS = "exists_with_different_fields"
 ID_ALREADY_FAILED = "id_already_failed"
+LINKED_EVENT_FAILED = "linked_event_failed"
+LINKED_EVENT_CHAIN_OPEN = "linked_event_chain_open"
 
+# pysyncobj starts every log with a no-op at index 1 that it never applies (raftLastApplied starts at 1),
+# so the first index any node applies is 2. Index 1 is "applied" by the genesis itself.
+genesis_applied_index = 1
+
+# Results of entries that cannot be attributed to their claimed signer: returned, but never recorded
+# under the entry's id, so nobody can squat on another institution's ids with a forged entry.
+unattributable_results = frozenset(
+    {"wrong_network", "signature_invalid", "signer_not_found", "signer_key_not_authorized", "signer_key_retired"}
+)
 
 
 class ApplyGap(RuntimeError):
@@ -62,6 +119,7 @@ class EntryOutcome:
     key: bytes | None
     result: str
     original_result: str | None = None
+    amount: int | None = None  # what a transfer moved (a balancing transfer may move less than asked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,67 +132,58 @@ class AppliedBatch:
     state_hash: bytes
     checkpoint: Checkpoint | None
     batch_error: str | None = None
+    expired: tuple[bytes, ...] = ()
 
 
 Verify = Callable[[SignedEntry], bool]
 
-genesis_applied_index = 1
+
+# Genesis -------------------------------------------------------------------------------------------------
 
 
 def initialize(transaction: StateTransaction, genesis: Genesis) -> None:
-    """Load the genesis into an empty state: currencies, institutions, settlement and issuance accounts."""
+    """Load the genesis into an empty state: currencies, institutions and their accounts, and nodes."""
     transaction.set_identity(genesis.cluster_id, genesis.digest)
-    # pysyncobj starts every log with a no-op at index 1 that it never applies (raftLastApplied starts at
-    # 1), so the first index any node applies is 2. Index 1 is therefore "applied" by the genesis itself.
     transaction.set_applied_index(genesis_applied_index)
     for currency in genesis.currencies:
         put_currency(transaction, CurrencyRecord(currency.code, currency.decimals))
+    currencies = [currency.code for currency in genesis.currencies]
     for institution in genesis.institutions:
-        put_institution(
-            transaction,
-            InstitutionRecord(
-                id=institution.id,
-                name=institution.name,
-                role=str(institution.role),
-                status=InstitutionStatus.ACTIVE,
-                public_keys=(institution.public_key,),
-            ),
+        record = InstitutionRecord(
+            institution.id, institution.name, str(institution.role), InstitutionStatus.ACTIVE,
+            (KeyRecord(institution.public_key, 0),),
         )
-        for currency in genesis.currencies:
-            _open(
-                transaction,
-                settlement_account(institution.id, currency.code),
-                currency.code,
-                institution.id,
-                AccountKind.SETTLEMENT,
-                AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS,
-                opened_index=0,
-            )
+        _admit_institution(transaction, record, currencies, 0)
     central_bank = genesis.central_bank.id
-    for currency in genesis.currencies:
-        _open(
+    for code in currencies:
+        _open(transaction, issuance_account(central_bank, code), code, central_bank, AccountKind.ISSUANCE,
+              AccountFlags.NONE, "unlimited", 0)
+    for spec in genesis.nodes:
+        put_node(
             transaction,
-            issuance_account(central_bank, currency.code),
-            currency.code,
-            central_bank,
-            AccountKind.ISSUANCE,
-            AccountFlags.NONE,
-            opened_index=0,
+            NodeRecord(spec.name, str(spec.role), spec.institution or central_bank, spec.public_key,
+                       str(spec.raft_address), str(spec.client_address), str(spec.admin_address), 0),
         )
+
+
+def _admit_institution(transaction: StateTransaction, record: InstitutionRecord, currencies: list[str], index: int) -> None:
+    put_institution(transaction, record)
+    for code in currencies:
+        _open(transaction, settlement_account(record.id, code), code, record.id, AccountKind.SETTLEMENT,
+              AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS, "unlimited", index)
 
 
 def _open(
-    transaction: StateTransaction,
-    name: str,
-    currency: str,
-    institution: str,
-    kind: AccountKind,
-    flags: AccountFlags,
-    opened_index: int,
+    transaction: StateTransaction, name: str, currency: str, institution: str, kind: AccountKind,
+    flags: AccountFlags, tier: str, opened_index: int, code: int = 0, user_data: bytes = b"",
 ) -> None:
     number = transaction.take_account_number()
-    put_account(transaction, AccountRecord(name, number, currency, institution, kind, flags, opened_index))
+    account = AccountRecord(name, number, currency, institution, kind, flags, code, user_data, tier, AccountStatus.OPEN, opened_index)
+    put_account(transaction, account)
     put_balance(transaction, number, Balance())
+
+
+# Batches -----------------------------------------------------------------------------------------------
 
 
 def apply_batch(
@@ -157,11 +206,13 @@ def apply_batch(
         return AppliedBatch(index, transaction.cluster_time_ms(), (), transaction.state_hash(), None, str(error))
     # Cluster time only moves forward, whatever the clock of a new leader says.
     cluster_time_ms = max(transaction.cluster_time_ms(), batch.proposer_time_ms)
-    context = _Context(transaction, index, cluster_time_ms, cluster_id)
-    outcomes = tuple(context.apply_entry(raw, verify) for raw in batch.entries)
+    context = _Context(transaction, index, cluster_time_ms, cluster_id, verify)
+    expired = context.expire_pending()
+    outcomes = context.apply_entries(batch.entries)
+    put_batch_time(transaction, index, cluster_time_ms)
     transaction.set_cluster_time_ms(cluster_time_ms)
     transaction.set_applied_index(index)
-    return AppliedBatch(index, cluster_time_ms, outcomes, transaction.state_hash(), batch.checkpoint)
+    return AppliedBatch(index, cluster_time_ms, outcomes, transaction.state_hash(), batch.checkpoint, None, expired)
 
 
 def apply_no_op(transaction: StateTransaction, index: int) -> bool:
@@ -175,152 +226,592 @@ def apply_no_op(transaction: StateTransaction, index: int) -> bool:
     return True
 
 
-class _Context:
-    """The state one batch is applied against, with the accounts it touched cached for the batch."""
+class _Rejected(Exception):
+    """A rule failed: the entry's result. Raised before anything is written for that entry."""
 
-    def __init__(self, transaction: StateTransaction, index: int, cluster_time_ms: int, cluster_id: str) -> None:
+    def __init__(self, result: str) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+@dataclass(slots=True)
+class _Decoded:
+    entry: SignedEntry
+    body: Body
+    key: bytes
+    signer: InstitutionRecord | None = None
+
+
+class _Context:
+    """The state one batch is applied against."""
+
+    def __init__(self, transaction: StateTransaction, index: int, cluster_time_ms: int, cluster_id: str, verify: Verify) -> None:
         self.transaction = transaction
         self.index = index
         self.cluster_time_ms = cluster_time_ms
+        self.day = phnom_penh_day(cluster_time_ms)
         self.cluster_id = cluster_id
+        self.verify = verify
+        self.event_number = 0
 
-    def apply_entry(self, raw: bytes, verify: Verify) -> EntryOutcome:
+    # Entries and linked chains ------------------------------------------------------------------------
+
+    def apply_entries(self, raws: tuple[bytes, ...]) -> tuple[EntryOutcome, ...]:
+        outcomes: list[EntryOutcome] = []
+        chain: list[tuple[int, bytes]] = []
+        for position, raw in enumerate(raws):
+            decoded = self._decode(raw)
+            linked = isinstance(decoded, _Decoded) and isinstance(decoded.body, Transfer) and TransferFlags.LINKED in TransferFlags(decoded.body.flags)
+            if chain or linked:
+                chain.append((position, raw))
+                if not linked:
+                    outcomes.extend(self._apply_chain([raw for _, raw in chain], closed=True))
+                    chain = []
+            else:
+                outcomes.append(self._apply_single(decoded))
+        if chain:
+            outcomes.extend(self._apply_chain([raw for _, raw in chain], closed=False))
+        return tuple(outcomes)
+
+    def _decode(self, raw: bytes) -> _Decoded | EntryOutcome:
         try:
             entry = decode_entry(raw)
             body = entry.body()
         except EntryError as error:
             return EntryOutcome(None, error.code)
-        key = entry_key(body)
-        # Until the signer is authenticated, the outcome is returned but recorded for nobody: pinning it
-        # under the entry's id would let anyone squat on another institution's ids.
-        if entry.cluster_id != self.cluster_id:
-            return EntryOutcome(key, "wrong_network")
-        if not verify(entry):
-            return EntryOutcome(key, "signature_invalid")
-        institution = get_institution(self.transaction, entry.signer)
-        if institution is None:
-            return EntryOutcome(key, "signer_not_found")
-        if entry.public_key not in institution.public_keys:
-            return EntryOutcome(key, "signer_key_not_authorized")
-        if isinstance(body, OpenAccount):
-            return EntryOutcome(key, self._open_account(body, institution))
-        return self._transfer_like(entry, body, key, institution)
+        return _Decoded(entry, body, entry_key(entry, body))
 
-    # Accounts ------------------------------------------------------------------------------------------
+    def _authenticate(self, decoded: _Decoded) -> None:
+        if decoded.entry.cluster_id != self.cluster_id:
+            raise _Rejected("wrong_network")
+        if not self.verify(decoded.entry):
+            raise _Rejected("signature_invalid")
+        signer = get_institution(self.transaction, decoded.entry.signer)
+        if signer is None:
+            raise _Rejected("signer_not_found")
+        key = signer.key(decoded.entry.public_key)
+        if key is None:
+            raise _Rejected("signer_key_not_authorized")
+        if not key.current:
+            raise _Rejected("signer_key_retired")
+        decoded.signer = signer
+
+    def _apply_single(self, decoded: _Decoded | EntryOutcome, previous_leg: int | None = None) -> EntryOutcome:
+        if isinstance(decoded, EntryOutcome):
+            return decoded
+        try:
+            self._authenticate(decoded)
+        except _Rejected as rejected:
+            return EntryOutcome(decoded.key, rejected.result)
+        if decoded.entry.kind in transfer_like_kinds:
+            return self._transfer_like(decoded, previous_leg)
+        try:
+            result = self._control(decoded)
+        except _Rejected as rejected:
+            result = rejected.result
+        return EntryOutcome(decoded.key, result)
+
+    def _apply_chain(self, raws: list[bytes], closed: bool) -> list[EntryOutcome]:
+        """A linked chain applies all or nothing, in a nested transaction committed only if every member
+        succeeds (`exists` counts as success: a retried chain changes nothing). Otherwise the first failure
+        keeps its result, every other member reports `linked_event_failed` (or `linked_event_chain_open`
+        when the batch ended inside the chain), and each failure is pinned under its id."""
+        members = [self._decode(raw) for raw in raws]
+        outcomes: list[EntryOutcome] = []
+        failed_at: int | None = None
+        if closed:
+            event_number = self.event_number
+            outer, nested = self.transaction, self.transaction.nested()
+            self.transaction = nested
+            try:
+                previous_amount: int | None = None
+                for position, member in enumerate(members):
+                    outcome = self._apply_single(member, previous_amount)
+                    outcomes.append(outcome)
+                    previous_amount = outcome.amount
+                    if outcome.result not in (OK, EXISTS):
+                        failed_at = position
+                        break
+            finally:
+                self.transaction = outer
+            if failed_at is None:
+                nested.commit()
+                return outcomes
+            nested.abort()
+            self.event_number = event_number
+        final = []
+        for position, member in enumerate(members):
+            if position == failed_at:
+                outcome = outcomes[position]
+            else:
+                result = LINKED_EVENT_FAILED if closed else LINKED_EVENT_CHAIN_OPEN
+                outcome = EntryOutcome(member.key if isinstance(member, _Decoded) else None, result)
+            if isinstance(member, _Decoded):
+                self._pin_failure(member, outcome.result)
+            final.append(outcome)
+        return final
+
+    def _pin_failure(self, member: _Decoded, result: str) -> None:
+        """Record a chain member's failure under its id: authenticated transfer-like members only, and never
+        over an outcome the id already has."""
+        if member.entry.kind not in transfer_like_kinds or result in unattributable_results:
+            return
+        try:
+            self._authenticate(member)
+        except _Rejected:
+            return
+        transfer_id = member.body.id  # type: ignore[union-attr]
+        if get_transfer(self.transaction, transfer_id) is None:
+            put_transfer(
+                self.transaction,
+                transfer_id,
+                TransferRecord(int(member.entry.kind), member.entry.raw, result, self.index, self.cluster_time_ms, 0),
+            )
+
+    # Transfers, issues and redemptions ---------------------------------------------------------------------
+
+    def _transfer_like(self, decoded: _Decoded, previous_leg: int | None) -> EntryOutcome:
+        body = decoded.body
+        existing = get_transfer(self.transaction, body.id)  # type: ignore[union-attr]
+        if existing is not None:
+            if not _same_submission(existing.entry, decoded.entry):
+                return EntryOutcome(decoded.key, EXISTS_WITH_DIFFERENT_FIELDS, existing.result)
+            if existing.result == OK:
+                return EntryOutcome(decoded.key, EXISTS, OK, existing.amount)
+            return EntryOutcome(decoded.key, ID_ALREADY_FAILED, existing.result)
+        amount = 0
+        try:
+            self._require_active(decoded.signer)
+            if isinstance(body, Transfer):
+                amount = self._transfer(body, decoded.signer, previous_leg)
+            elif isinstance(body, Issue):
+                amount = self._issue(body, decoded.signer)
+            else:
+                amount = self._redeem(body, decoded.signer)  # type: ignore[arg-type]
+            result = OK
+        except _Rejected as rejected:
+            result = rejected.result
+            amount = 0
+        put_transfer(
+            self.transaction,
+            body.id,  # type: ignore[union-attr]
+            TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount),
+        )
+        if result == OK and isinstance(body, Transfer) and body.reference:
+            put_reference(self.transaction, body.reference, body.id)
+        return EntryOutcome(decoded.key, result, None, amount if result == OK else None)
+
+    @staticmethod
+    def _require_active(signer: InstitutionRecord | None) -> None:
+        if signer is None or signer.status is not InstitutionStatus.ACTIVE:
+            raise _Rejected("signer_suspended")
+
+    def _resolve(self, name: str, side: str) -> AccountRecord:
+        if alias_pattern.fullmatch(name):
+            account_name = get_alias(self.transaction, name)
+            if account_name is None:
+                raise _Rejected(f"{side}_alias_not_found")
+            name = account_name
+        account = get_account(self.transaction, name)
+        if account is None:
+            raise _Rejected(f"{side}_account_not_found")
+        return account
+
+    def _transfer(self, body: Transfer, signer: InstitutionRecord, previous_leg: int | None) -> int:
+        flags = TransferFlags(body.flags)
+        if TransferFlags.POST_PENDING in flags or TransferFlags.VOID_PENDING in flags:
+            return self._resolve_pending(body, signer, post=TransferFlags.POST_PENDING in flags)
+        debit = self._resolve(body.debit_account, "debit")
+        credit = self._resolve(body.credit_account, "credit")
+        if debit.name == credit.name:
+            raise _Rejected("accounts_must_be_different")
+        if debit.institution != signer.id:
+            raise _Rejected("signer_must_own_debit_account")
+        if debit.currency != credit.currency:
+            raise _Rejected("accounts_must_have_the_same_currency")
+        if body.currency != debit.currency:
+            raise _Rejected("transfer_must_have_the_same_currency_as_accounts")
+        self._require_usable(debit, "debit")
+        self._require_usable(credit, "credit")
+        amount = body.amount
+        if body.rate_numerator:
+            # A currency exchange is a linked chain through an FX provider's accounts (TigerBeetle's
+            # recipe): each leg moves one currency, and a leg that declares a rate must move exactly the
+            # previous leg's amount times that rate, rounded down, so the rate is what the signer signed.
+            if previous_leg is None:
+                raise _Rejected("exchange_rate_requires_previous_leg")
+            if amount != previous_leg * body.rate_numerator // body.rate_denominator:
+                raise _Rejected("exchange_amount_mismatch")
+        debit_balance = get_balance(self.transaction, debit.number)
+        credit_balance = get_balance(self.transaction, credit.number)
+        amount = _balanced(amount, flags, debit, debit_balance, credit, credit_balance)
+        pending = TransferFlags.PENDING in flags
+        expires_at_ms = 0
+        if pending and body.timeout_seconds:
+            expires_at_ms = self.cluster_time_ms + body.timeout_seconds * 1000
+            if expires_at_ms > cluster_time_max_ms:
+                raise _Rejected("overflows_timeout")
+        _check_overflows(debit_balance, credit_balance, amount, pending)
+        _check_limits(debit, debit_balance, credit, credit_balance, amount)
+        self._check_daily_limit(debit, amount)
+        if pending:
+            new_debit = replace(debit_balance, debits_pending=debit_balance.debits_pending + amount)
+            new_credit = replace(credit_balance, credits_pending=credit_balance.credits_pending + amount)
+            put_pending(
+                self.transaction,
+                body.id,
+                PendingRecord(PendingState.PENDING, debit.name, credit.name, amount, body.currency, expires_at_ms, self.day),
+            )
+            if expires_at_ms:
+                self.transaction.put("expiry", expiry_key(expires_at_ms, body.id), b"")
+            event = "pending"
+        else:
+            new_debit = replace(debit_balance, debits_posted=debit_balance.debits_posted + amount)
+            new_credit = replace(credit_balance, credits_posted=credit_balance.credits_posted + amount)
+            event = "transfer"
+        self._count_outflow(debit, amount)
+        self._move(debit, new_debit, credit, new_credit, body.id, amount, event)
+        return amount
+
+    def _require_usable(self, account: AccountRecord, side: str) -> None:
+        if account.closed:
+            raise _Rejected(f"{side}_account_closed")
+        if account.frozen:
+            raise _Rejected(f"{side}_account_frozen")
+
+    def _check_daily_limit(self, debit: AccountRecord, amount: int) -> None:
+        limit = kyc_daily_outflow_limits.get(debit.tier, {}).get(debit.currency)
+        if limit is not None and get_outflow(self.transaction, debit.number, self.day) + amount > limit:
+            raise _Rejected("exceeds_daily_limit")
+
+    def _count_outflow(self, debit: AccountRecord, amount: int, day: int | None = None, release: bool = False) -> None:
+        if debit.currency not in kyc_daily_outflow_limits.get(debit.tier, {}) or amount == 0:
+            return
+        day = self.day if day is None else day
+        if release and day != self.day:
+            return  # a reservation made on an earlier day no longer counts against today
+        current = get_outflow(self.transaction, debit.number, day)
+        put_outflow(self.transaction, debit.number, day, max(0, current - amount) if release else current + amount)
+
+    def _move(
+        self, debit: AccountRecord, new_debit: Balance, credit: AccountRecord, new_credit: Balance,
+        transfer_id: bytes, amount: int, event: str,
+    ) -> None:
+        put_balance(self.transaction, debit.number, new_debit)
+        put_balance(self.transaction, credit.number, new_credit)
+        self._history(debit.number, event, transfer_id, -amount, new_debit)
+        self._history(credit.number, event, transfer_id, amount, new_credit)
+
+    def _history(self, account_number: int, event: str, transfer_id: bytes, amount: int, balance: Balance) -> None:
+        self.event_number += 1
+        put_history(
+            self.transaction, account_number, self.event_number,
+            HistoryEvent(self.cluster_time_ms, self.index, event, transfer_id, amount, balance),
+        )
+
+    def _resolve_pending(self, body: Transfer, signer: InstitutionRecord, *, post: bool) -> int:
+        pending = get_pending(self.transaction, body.pending_id)
+        if pending is None:
+            original = get_transfer(self.transaction, body.pending_id)
+            raise _Rejected("pending_transfer_not_pending" if original is not None else "pending_transfer_not_found")
+        if pending.state is PendingState.POSTED:
+            raise _Rejected("pending_transfer_already_posted")
+        if pending.state is PendingState.VOIDED:
+            raise _Rejected("pending_transfer_already_voided")
+        if pending.state is PendingState.EXPIRED or (pending.expires_at_ms and pending.expires_at_ms <= self.cluster_time_ms):
+            raise _Rejected("pending_transfer_expired")
+        debit = self._stored_account(pending.debit_account)
+        credit = self._stored_account(pending.credit_account)
+        if body.debit_account and self._resolve(body.debit_account, "debit").name != debit.name:
+            raise _Rejected("pending_transfer_has_different_debit_account")
+        if body.credit_account and self._resolve(body.credit_account, "credit").name != credit.name:
+            raise _Rejected("pending_transfer_has_different_credit_account")
+        if body.currency and body.currency != pending.currency:
+            raise _Rejected("pending_transfer_has_different_currency")
+        if debit.institution != signer.id:
+            raise _Rejected("signer_must_own_debit_account")
+        amount = pending.amount if body.amount == 0 else body.amount
+        if amount > pending.amount:
+            raise _Rejected("exceeds_pending_transfer_amount")
+        if not post and amount != pending.amount:
+            raise _Rejected("pending_transfer_has_different_amount")
+        if post:
+            self._require_usable(debit, "debit")
+            self._require_usable(credit, "credit")
+        debit_balance = get_balance(self.transaction, debit.number)
+        credit_balance = get_balance(self.transaction, credit.number)
+        posted = amount if post else 0
+        if debit_balance.debits_posted + posted > balance_counter_max:
+            raise _Rejected("overflows_debits_posted")
+        if credit_balance.credits_posted + posted > balance_counter_max:
+            raise _Rejected("overflows_credits_posted")
+        new_debit = Balance(
+            debit_balance.debits_posted + posted, debit_balance.credits_posted,
+            debit_balance.debits_pending - pending.amount, debit_balance.credits_pending,
+        )
+        new_credit = Balance(
+            credit_balance.debits_posted, credit_balance.credits_posted + posted,
+            credit_balance.debits_pending, credit_balance.credits_pending - pending.amount,
+        )
+        self._finish_pending(body.pending_id, pending, PendingState.POSTED if post else PendingState.VOIDED, posted)
+        self._count_outflow(debit, pending.amount - posted, pending.created_day, release=True)
+        self._move(debit, new_debit, credit, new_credit, body.pending_id, posted, "post" if post else "void")
+        return posted
+
+    def _finish_pending(self, transfer_id: bytes, pending: PendingRecord, state: PendingState, posted: int) -> None:
+        put_pending(self.transaction, transfer_id, replace(pending, state=state, resolved_index=self.index, posted_amount=posted))
+        if pending.expires_at_ms:
+            self.transaction.delete("expiry", expiry_key(pending.expires_at_ms, transfer_id))
+
+    def _stored_account(self, name: str) -> AccountRecord:
+        account = get_account(self.transaction, name)
+        if account is None:
+            raise StorageCorrupted(f"pending transfer names account {name!r}, which does not exist")
+        return account
+
+    def expire_pending(self) -> tuple[bytes, ...]:
+        """Release every pending transfer whose timeout has passed, before any entry of the batch, so expiry
+        happens at the same log position on every node."""
+        expired = []
+        for key, transfer_id in due_expiries(self.transaction, self.cluster_time_ms):
+            pending = get_pending(self.transaction, transfer_id)
+            self.transaction.delete("expiry", key)
+            if pending is None or pending.state is not PendingState.PENDING:
+                continue
+            debit = self._stored_account(pending.debit_account)
+            credit = self._stored_account(pending.credit_account)
+            debit_balance = get_balance(self.transaction, debit.number)
+            credit_balance = get_balance(self.transaction, credit.number)
+            new_debit = replace(debit_balance, debits_pending=debit_balance.debits_pending - pending.amount)
+            new_credit = replace(credit_balance, credits_pending=credit_balance.credits_pending - pending.amount)
+            put_pending(self.transaction, transfer_id, replace(pending, state=PendingState.EXPIRED, resolved_index=self.index))
+            self._count_outflow(debit, pending.amount, pending.created_day, release=True)
+            self._move(debit, new_debit, credit, new_credit, transfer_id, 0, "expire")
+            expired.append(transfer_id)
+        return tuple(expired)
+
+    def _issue(self, body: Issue, signer: InstitutionRecord) -> int:
+        if signer.role != str(Role.CENTRAL_BANK):
+            raise _Rejected("signer_must_be_central_bank")
+        credit = self._resolve(body.credit_account, "credit")
+        if credit.kind is not AccountKind.SETTLEMENT:
+            raise _Rejected("credit_account_must_be_settlement")
+        if body.currency != credit.currency:
+            raise _Rejected("transfer_must_have_the_same_currency_as_accounts")
+        debit = get_account(self.transaction, issuance_account(signer.id, body.currency))
+        if debit is None:
+            raise _Rejected("currency_not_found")
+        self._require_usable(credit, "credit")
+        return self._post_plain(debit, credit, body.id, body.amount, "issue")
+
+    def _redeem(self, body: Redeem, signer: InstitutionRecord) -> int:
+        if signer.role != str(Role.CENTRAL_BANK):
+            raise _Rejected("signer_must_be_central_bank")
+        debit = self._resolve(body.debit_account, "debit")
+        if debit.kind is not AccountKind.SETTLEMENT:
+            raise _Rejected("debit_account_must_be_settlement")
+        if body.currency != debit.currency:
+            raise _Rejected("transfer_must_have_the_same_currency_as_accounts")
+        credit = get_account(self.transaction, issuance_account(signer.id, body.currency))
+        if credit is None:
+            raise _Rejected("currency_not_found")
+        return self._post_plain(debit, credit, body.id, body.amount, "redeem")
+
+    def _post_plain(self, debit: AccountRecord, credit: AccountRecord, transfer_id: bytes, amount: int, event: str) -> int:
+        debit_balance = get_balance(self.transaction, debit.number)
+        credit_balance = get_balance(self.transaction, credit.number)
+        _check_overflows(debit_balance, credit_balance, amount, pending=False)
+        _check_limits(debit, debit_balance, credit, credit_balance, amount)
+        new_debit = replace(debit_balance, debits_posted=debit_balance.debits_posted + amount)
+        new_credit = replace(credit_balance, credits_posted=credit_balance.credits_posted + amount)
+        self._move(debit, new_debit, credit, new_credit, transfer_id, amount, event)
+        return amount
+
+    # Accounts, institutions, aliases, tiers and nodes -------------------------------------------------------
+
+    def _control(self, decoded: _Decoded) -> str:
+        body = decoded.body
+        signer = decoded.signer
+        assert signer is not None  # set by _authenticate, which every caller runs first
+        if isinstance(body, OpenAccount):
+            return self._open_account(body, signer)
+        self._require_active(signer)
+        central_bank = signer.role == str(Role.CENTRAL_BANK)
+        if isinstance(body, CloseAccount):
+            account = self._owned(body.account, signer)
+            if account.closed:
+                return "account_already_closed"
+            balance = get_balance(self.transaction, account.number)
+            if balance.net != 0 or balance.debits_pending or balance.credits_pending:
+                return "account_balance_not_zero"
+            if aliases_of(self.transaction, account.name):
+                return "account_has_aliases"
+            put_account(self.transaction, with_status(account, account.status | AccountStatus.CLOSED))
+            return OK
+        if isinstance(body, FreezeAccount | UnfreezeAccount):
+            if not central_bank:
+                return "signer_must_be_central_bank"
+            account = get_account(self.transaction, body.account)
+            if account is None:
+                return "account_not_found"
+            if isinstance(body, FreezeAccount):
+                if account.frozen:
+                    return "account_already_frozen"
+                put_account(self.transaction, with_status(account, account.status | AccountStatus.FROZEN))
+            else:
+                if not account.frozen:
+                    return "account_not_frozen"
+                put_account(self.transaction, with_status(account, account.status & ~AccountStatus.FROZEN))
+            return OK
+        if isinstance(body, AdmitInstitution):
+            return self._admit(body, central_bank)
+        if isinstance(body, SuspendInstitution | ReinstateInstitution):
+            if not central_bank:
+                return "signer_must_be_central_bank"
+            institution = get_institution(self.transaction, body.institution)
+            if institution is None:
+                return "institution_not_found"
+            if institution.role == str(Role.CENTRAL_BANK):
+                return "institution_is_central_bank"
+            suspend = isinstance(body, SuspendInstitution)
+            if suspend and institution.status is InstitutionStatus.SUSPENDED:
+                return "institution_already_suspended"
+            if not suspend and institution.status is InstitutionStatus.ACTIVE:
+                return "institution_not_suspended"
+            status = InstitutionStatus.SUSPENDED if suspend else InstitutionStatus.ACTIVE
+            put_institution(self.transaction, replace(institution, status=status))
+            return OK
+        if isinstance(body, RotateKey):
+            if signer.id != body.institution and not central_bank:
+                return "signer_must_be_institution_or_central_bank"
+            institution = get_institution(self.transaction, body.institution)
+            if institution is None:
+                return "institution_not_found"
+            if self._key_in_use(body.public_key):
+                return "public_key_in_use"
+            keys = tuple(key if not key.current else replace(key, retired_index=self.index) for key in institution.keys)
+            put_institution(self.transaction, replace(institution, keys=(*keys, KeyRecord(body.public_key, self.index))))
+            return OK
+        if isinstance(body, RegisterAlias):
+            account = self._owned(body.account, signer)
+            if account.closed:
+                return "account_closed"
+            current = get_alias(self.transaction, body.alias)
+            if current is not None:
+                return EXISTS if current == account.name else "alias_taken"
+            put_alias(self.transaction, body.alias, account.name)
+            return OK
+        if isinstance(body, UnregisterAlias):
+            current = get_alias(self.transaction, body.alias)
+            if current is None:
+                return "alias_not_found"
+            self._owned(current, signer)
+            self.transaction.delete("aliases", body.alias.encode())
+            return OK
+        if isinstance(body, SetKycTier):
+            account = self._owned(body.account, signer)
+            put_account(self.transaction, replace(account, tier=body.tier))
+            return OK
+        if isinstance(body, AdmitNode):
+            return self._admit_node(body, central_bank)
+        return "unknown_kind"
+
+    def _owned(self, name: str, signer: InstitutionRecord) -> AccountRecord:
+        account = get_account(self.transaction, name)
+        if account is None:
+            raise _Rejected("account_not_found")
+        if account.institution != signer.id:
+            raise _Rejected("signer_must_own_account")
+        return account
 
     def _open_account(self, body: OpenAccount, signer: InstitutionRecord) -> str:
         existing = get_account(self.transaction, body.account)
         owner = body.account.rpartition("@")[2]
         if existing is not None:
-            same = existing.currency == body.currency and existing.institution == owner
-            same = same and existing.kind is AccountKind.CUSTOMER
+            same = (
+                existing.currency == body.currency and existing.institution == owner and existing.kind is AccountKind.CUSTOMER
+                and int(existing.flags) == body.flags and existing.code == body.code and existing.user_data == body.user_data
+            )
             return EXISTS if same else EXISTS_WITH_DIFFERENT_FIELDS
+        self._require_active(signer)
         if owner != signer.id:
             return "signer_must_own_account"
         if body.account.startswith(reserved_account_prefixes):
             return "account_name_reserved"
         if get_currency(self.transaction, body.currency) is None:
             return "currency_not_found"
-        _open(
-            self.transaction,
-            body.account,
-            body.currency,
-            owner,
-            AccountKind.CUSTOMER,
-            AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS,
-            self.index,
-        )
+        _open(self.transaction, body.account, body.currency, owner, AccountKind.CUSTOMER, AccountFlags(body.flags),
+              body.tier, self.index, body.code, body.user_data)
         return OK
 
-    # Transfers and issues ----------------------------------------------------------------------------
+    def _key_in_use(self, public_key: bytes) -> bool:
+        for institution in list_institutions(self.transaction):
+            if institution.key(public_key) is not None:
+                return True
+        return any(node.public_key == public_key for node in list_nodes(self.transaction))
 
-    def _transfer_like(
-        self, entry: SignedEntry, body: Transfer | Issue, key: bytes, signer: InstitutionRecord
-    ) -> EntryOutcome:
-        existing = get_transfer(self.transaction, body.id)
-        if existing is not None:
-            if not _same_submission(existing.entry, entry):
-                return EntryOutcome(key, EXISTS_WITH_DIFFERENT_FIELDS, existing.result)
-            if existing.result == OK:
-                return EntryOutcome(key, EXISTS, OK)
-            return EntryOutcome(key, ID_ALREADY_FAILED, existing.result)
-        if isinstance(body, Transfer):
-            result = self._transfer(body, signer)
-        else:
-            result = self._issue(body, signer)
-        put_transfer(
-            self.transaction,
-            body.id,
-            TransferRecord(int(entry.kind), entry.raw, result, self.index, self.cluster_time_ms),
-        )
-        return EntryOutcome(key, result)
-
-    def _transfer(self, body: Transfer, signer: InstitutionRecord) -> str:
-        if body.debit_account == body.credit_account:
-            return "accounts_must_be_different"
-        debit = get_account(self.transaction, body.debit_account)
-        if debit is None:
-            return "debit_account_not_found"
-        credit = get_account(self.transaction, body.credit_account)
-        if credit is None:
-            return "credit_account_not_found"
-        if debit.institution != signer.id:
-            return "signer_must_own_debit_account"
-        return self._post(debit, credit, body.amount, body.currency)
-
-    def _issue(self, body: Issue, signer: InstitutionRecord) -> str:
-        if signer.role != str(Role.CENTRAL_BANK):
+    def _admit(self, body: AdmitInstitution, central_bank: bool) -> str:
+        if not central_bank:
             return "signer_must_be_central_bank"
-        credit = get_account(self.transaction, body.credit_account)
-        if credit is None:
-            return "credit_account_not_found"
-        if credit.kind is not AccountKind.SETTLEMENT:
-            return "credit_account_must_be_settlement"
-        debit = get_account(self.transaction, issuance_account(signer.id, body.currency))
-        if debit is None:
-            return "currency_not_found"
-        return self._post(debit, credit, body.amount, body.currency)
-
-    def _post(self, debit: AccountRecord, credit: AccountRecord, amount: int, currency: str) -> str:
-        if debit.currency != credit.currency:
-            return "accounts_must_have_the_same_currency"
-        if currency != debit.currency:
-            return "transfer_must_have_the_same_currency_as_accounts"
-        debit_balance = get_balance(self.transaction, debit.number)
-        credit_balance = get_balance(self.transaction, credit.number)
-        if debit_balance.debits_posted + amount > balance_counter_max:
-            return "overflows_debits_posted"
-        if credit_balance.credits_posted + amount > balance_counter_max:
-            return "overflows_credits_posted"
-        if AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS in debit.flags:
-            debits = debit_balance.debits_pending + debit_balance.debits_posted + amount
-            if debits > debit_balance.credits_posted:
-                return "exceeds_credits"
-        if AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS in credit.flags:
-            credits = credit_balance.credits_pending + credit_balance.credits_posted + amount
-            if credits > credit_balance.debits_posted:
-                return "exceeds_debits"
-        put_balance(
-            self.transaction,
-            debit.number,
-            Balance(
-                debit_balance.debits_posted + amount,
-                debit_balance.credits_posted,
-                debit_balance.debits_pending,
-                debit_balance.credits_pending,
-            ),
-        )
-        put_balance(
-            self.transaction,
-            credit.number,
-            Balance(
-                credit_balance.debits_posted,
-                credit_balance.credits_posted + amount,
-                credit_balance.debits_pending,
-                credit_balance.credits_pending,
-            ),
-        )
+        existing = get_institution(self.transaction, body.institution)
+        if existing is not None:
+            same = existing.name == body.name and existing.role == body.role and existing.key(body.public_key) is not None
+            return EXISTS if same else EXISTS_WITH_DIFFERENT_FIELDS
+        if self._key_in_use(body.public_key):
+            return "public_key_in_use"
+        record = InstitutionRecord(body.institution, body.name, body.role, InstitutionStatus.ACTIVE, (KeyRecord(body.public_key, self.index),))
+        _admit_institution(self.transaction, record, [currency.code for currency in list_currencies(self.transaction)], self.index)
         return OK
+
+    def _admit_node(self, body: AdmitNode, central_bank: bool) -> str:
+        if not central_bank:
+            return "signer_must_be_central_bank"
+        existing = get_node(self.transaction, body.name)
+        if existing is not None:
+            same = (existing.institution, existing.public_key, existing.raft_address, existing.client_address, existing.admin_address) == (
+                body.institution, body.public_key, body.raft_address, body.client_address, body.admin_address
+            )
+            return EXISTS if same else EXISTS_WITH_DIFFERENT_FIELDS
+        if get_institution(self.transaction, body.institution) is None:
+            return "institution_not_found"
+        if self._key_in_use(body.public_key):
+            return "public_key_in_use"
+        put_node(self.transaction, NodeRecord(body.name, "institution", body.institution, body.public_key, body.raft_address,
+                                              body.client_address, body.admin_address, self.index))
+        return OK
+
+
+def _balanced(amount: int, flags: TransferFlags, debit: AccountRecord, debit_balance: Balance,
+              credit: AccountRecord, credit_balance: Balance) -> int:
+    """A balancing transfer moves at most `amount`: as much as the limits of its accounts allow."""
+    if TransferFlags.BALANCING_DEBIT in flags and AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS in debit.flags:
+        available = debit_balance.credits_posted - debit_balance.debits_posted - debit_balance.debits_pending
+        amount = max(0, min(amount, available))
+    if TransferFlags.BALANCING_CREDIT in flags and AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS in credit.flags:
+        available = credit_balance.debits_posted - credit_balance.credits_posted - credit_balance.credits_pending
+        amount = max(0, min(amount, available))
+    return amount
+
+
+def _check_overflows(debit_balance: Balance, credit_balance: Balance, amount: int, pending: bool) -> None:
+    if pending:
+        if debit_balance.debits_pending + amount > balance_counter_max:
+            raise _Rejected("overflows_debits_pending")
+        if credit_balance.credits_pending + amount > balance_counter_max:
+            raise _Rejected("overflows_credits_pending")
+    if debit_balance.debits_posted + debit_balance.debits_pending + amount > balance_counter_max:
+        raise _Rejected("overflows_debits")
+    if credit_balance.credits_posted + credit_balance.credits_pending + amount > balance_counter_max:
+        raise _Rejected("overflows_credits")
+
+
+def _check_limits(debit: AccountRecord, debit_balance: Balance, credit: AccountRecord, credit_balance: Balance, amount: int) -> None:
+    if AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS in debit.flags:
+        if debit_balance.debits_pending + debit_balance.debits_posted + amount > debit_balance.credits_posted:
+            raise _Rejected("exceeds_credits")
+    if AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS in credit.flags:
+        if credit_balance.credits_pending + credit_balance.credits_posted + amount > credit_balance.debits_posted:
+            raise _Rejected("exceeds_debits")
 
 
 def _same_submission(stored_raw: bytes, entry: SignedEntry) -> bool:

@@ -14,9 +14,24 @@ import lmdb
 schema_version = 1
 
 # Named databases. `meta` holds bookkeeping that is not part of the replicated state hash.
-_state_database_names = ("currencies", "institutions", "accounts", "balances", "transfers")
+_state_database_names = (
+    "currencies",
+    "institutions",
+    "nodes",
+    "accounts",
+    "balances",
+    "transfers",
+    "pending",
+    "expiry",
+    "aliases",
+    "history",
+    "outflow",
+    "references",
+    "batch_times",
+    "tree",
+)
 _database_names = ("meta", *_state_database_names)
-databases_max = 16
+databases_max = 32
 readers_max = 256
 
 # Every stored value ends in a short checksum over its database, key and payload, verified on every
@@ -149,12 +164,20 @@ class StateTransaction:
     aborts it, so nothing is ever half-applied.
     """
 
-    def __init__(self, store: LedgerStore, transaction: lmdb.Transaction) -> None:
+    def __init__(self, store: LedgerStore, transaction: lmdb.Transaction, parent: StateTransaction | None = None) -> None:
         self._store = store
         self._transaction = transaction
         self._databases = store.databases
-        self._state_hash: int | None = None
+        self._parent = parent
+        self._state_hash: int | None = None if parent is None else parent._current_state_hash()
         self._state_hash_changed = False
+
+    def nested(self) -> StateTransaction:
+        """A child write transaction: committing it folds its writes (and state hash) into this one,
+        aborting it leaves this one exactly as it was. Linked chains apply all-or-nothing through it."""
+        self._current_state_hash()  # read before the child exists: a parent with a child cannot be read
+        child = self._store.environment.begin(write=True, parent=self._transaction)
+        return StateTransaction(self._store, child, parent=self)
 
     def __enter__(self) -> StateTransaction:
         return self
@@ -166,6 +189,12 @@ class StateTransaction:
             self._transaction.abort()
 
     def commit(self) -> None:
+        if self._parent is not None:
+            self._transaction.commit()
+            if self._state_hash_changed:
+                self._parent._state_hash = self._state_hash
+                self._parent._state_hash_changed = True
+            return
         if self._state_hash_changed and self._state_hash is not None:
             self._put_meta(_meta_state_hash, self._state_hash.to_bytes(state_hash_bytes, "big"))
         self._transaction.commit()
@@ -194,15 +223,45 @@ class StateTransaction:
         self._state_hash_changed = True
         self._transaction.put(key, _seal(name, key, payload), db=handle)
 
-    def items(self, database: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    def delete(self, database: str, key: bytes) -> bool:
+        """Remove a state record, taking its contribution out of the state hash."""
+        name = database.encode()
+        handle = self._databases[database]
+        old = self._transaction.get(key, db=handle)
+        if old is None:
+            return False
+        state_hash = self._current_state_hash() - _record_hash(name, key, _open(name, key, old))
+        self._state_hash = state_hash % state_hash_modulus
+        self._state_hash_changed = True
+        self._transaction.delete(key, db=handle)
+        return True
+
+    def items(self, database: str, prefix: bytes = b"", start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Records whose key starts with `prefix`, in key order, from `start` (default: the prefix)."""
         name = database.encode()
         with self._transaction.cursor(db=self._databases[database]) as cursor:
-            if not cursor.set_range(prefix):
+            if not cursor.set_range(prefix if start is None else start):
                 return
             for key, stored in cursor:
                 if not key.startswith(prefix):
                     return
                 yield key, _open(name, key, stored)
+
+    def items_reverse(self, database: str, prefix: bytes, before: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Records whose key starts with `prefix` and sorts strictly before `before`, newest key first."""
+        name = database.encode()
+        with self._transaction.cursor(db=self._databases[database]) as cursor:
+            if cursor.set_range(before):
+                found = cursor.prev()
+            else:
+                found = cursor.last()
+            while found:
+                key = cursor.key()
+                if not key.startswith(prefix):
+                    return
+                if key < before:
+                    yield key, _open(name, key, cursor.value())
+                found = cursor.prev()
 
     # Meta ----------------------------------------------------------------------------------------------
 

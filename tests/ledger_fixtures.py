@@ -8,7 +8,10 @@ from nacl.signing import SigningKey
 
 from config.schema import Address, Currency, Genesis, Institution, NodeRole, NodeSpec, Role
 from consensus.batch import Batch, encode_batch
-from consensus.entries import Body, sign_entry
+from consensus.entries import Body, sign_entry, signature_is_valid
+from storage import queries
+from storage.rules import AppliedBatch, apply_batch, genesis_applied_index, initialize
+from storage.state import LedgerStore
 
 cluster_id = "tonle-test-1"
 
@@ -52,3 +55,47 @@ def make_network(institutions: tuple[tuple[str, Role], ...] = (("aba", Role.BANK
 
 def batch(*entries: bytes, time_ms: int = 1_700_000_000_000) -> bytes:
     return encode_batch(Batch(time_ms, None, tuple(entries)))
+
+
+def tid(number: int) -> bytes:
+    return number.to_bytes(16, "big")
+
+
+class Ledger:
+    """A real LMDB store initialised from a test genesis, applying batches at consecutive indexes."""
+
+    def __init__(self, path, network: Network, *, start_ms: int = 1_700_000_000_000) -> None:
+        self.network = network
+        self.store = LedgerStore(path, map_size_bytes=256 << 20)
+        with self.store.write() as transaction:
+            initialize(transaction, network.genesis)
+        self.index = genesis_applied_index
+        self.time_ms = start_ms
+
+    def apply(self, *entries: bytes, time_ms: int | None = None) -> AppliedBatch:
+        self.index += 1
+        if time_ms is not None:
+            self.time_ms = time_ms
+        with self.store.write() as transaction:
+            applied = apply_batch(
+                transaction, self.index, batch(*entries, time_ms=self.time_ms), signature_is_valid, self.network.genesis.cluster_id
+            )
+        assert applied is not None
+        return applied
+
+    def results(self, *entries: bytes, time_ms: int | None = None) -> list[str]:
+        return [outcome.result for outcome in self.apply(*entries, time_ms=time_ms).outcomes]
+
+    def balance(self, account: str, as_of_index: int | None = None) -> dict:
+        with self.store.read() as transaction:
+            return queries.balance(transaction, account, as_of_index)
+
+    def net(self, account: str) -> int:
+        return self.balance(account)["balance"]
+
+    def transfer(self, transfer_id: bytes) -> dict | None:
+        with self.store.read() as transaction:
+            return queries.transfer(transaction, transfer_id)
+
+    def summary(self):
+        return self.store.summary()

@@ -27,6 +27,7 @@ from consensus.raft.snapshot import (
     write_snapshot,
 )
 from consensus.raft.transport import PeerIdentity, SecureTransport, TransportObserver
+from storage.records import get_node
 from storage.rules import AppliedBatch, apply_batch, apply_no_op
 from storage.state import LedgerStore, StateTransaction
 
@@ -189,6 +190,8 @@ class RaftNode:
             spec.name: PeerIdentity(spec.name, str(spec.role), spec.public_key, str(spec.raft_address))
             for spec in genesis.nodes
         }
+        # A node admitted after genesis knows itself from its configuration.
+        peers.setdefault(node.name, PeerIdentity(node.name, str(node.role), node.public_key, str(node.raft_address)))
         transport_class = functools.partial(
             SecureTransport,
             cluster_id=genesis.cluster_id,
@@ -197,6 +200,7 @@ class RaftNode:
             peers=peers,
             before_send=self._sync_journal,
             observer=transport_observer,
+            admitted_peer=self._admitted_peer,
         )
         validator_addresses = [str(v.raft_address) for v in genesis.validators]
         is_validator = node.role is NodeRole.VALIDATOR
@@ -246,6 +250,14 @@ class RaftNode:
         )
         self._syncobj = _LedgerSyncObj(self, self_address, others, conf, transport_class)
         self._syncobj.addOnTickCallback(self._refresh_status)
+
+    def _admitted_peer(self, name: str) -> PeerIdentity | None:
+        """An institution node admitted by a replicated AdmitNode entry, as this node's state knows it."""
+        with self._store.read() as transaction:
+            record = get_node(transaction, name)
+        if record is None or record.role != "institution":
+            return None
+        return PeerIdentity(record.name, "institution", record.public_key, record.raft_address)
 
     def _sync_journal(self) -> None:
         """fsync before anything counts the log: a failed fsync stops the node (never retried: the kernel

@@ -349,8 +349,12 @@ class SecureTransport(Transport):
         peers: Mapping[str, PeerIdentity],
         before_send: Callable[[], object] = lambda: None,
         observer: TransportObserver | None = None,
+        admitted_peer: Callable[[str], PeerIdentity | None] = lambda name: None,
     ) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
+        # Institution nodes admitted after genesis (by a replicated AdmitNode entry) are looked up here
+        # when they first connect; validators are fixed by the genesis and never come from this.
+        self._admitted_peer = admitted_peer
         self._identity = _check_identity(self_name, selfNode, signing_key, peers)
         self._conf = syncObj.conf
         self._poller = syncObj._poller
@@ -567,7 +571,13 @@ class SecureTransport(Transport):
 
     def _acceptable_initiator_key(self, name: str) -> nacl.signing.VerifyKey | None:
         peer = self._peers.get(name)
-        if peer is None or (peer.role == "validator" and name not in self._nodes):
+        if peer is None:
+            peer = self._admitted_peer(name)
+            if peer is None or peer.role != "institution" or peer.name != name:
+                return None
+            self._peers[name] = peer
+            self._verify_keys[name] = nacl.signing.VerifyKey(peer.public_key)
+        if peer.role == "validator" and name not in self._nodes:
             return None
         return self._verify_keys[name]
 

@@ -40,21 +40,31 @@ def start_cluster(directory: Path, **options) -> LocalCluster:
     return cluster
 
 
+def stop_everything(network: LocalCluster) -> None:
+    """Kill every node, including any a command added to cluster.json after this object was loaded."""
+    network.kill()
+    LocalCluster.load(network.directory).kill()
+
+
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
     """A fresh 3-validator, 2-institution network for a test that may break it."""
     network = start_cluster(tmp_path / "network")
     _remember(request, network)
-    with network:
+    try:
         yield network
+    finally:
+        stop_everything(network)
 
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """One network for the tests of a module that only submit and read (they must not stop nodes)."""
     network = start_cluster(tmp_path_factory.mktemp("shared") / "network")
-    with network:
+    try:
         yield network
+    finally:
+        stop_everything(network)
 
 
 @pytest.fixture

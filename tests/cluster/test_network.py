@@ -25,7 +25,8 @@ pytestmark = pytest.mark.cluster
 def crafted_transfer(cluster: LocalCluster, fields: list, signer: str, *, cluster_id: str | None = None) -> bytes:
     """Sign a transfer body the client library would refuse to build (bad amounts...)."""
     network = cluster_id or cluster.cluster_id
-    body = pack([1, *fields])
+    # id, debit, credit, amount, currency; then flags, pending id, timeout, reference, code, rate terms.
+    body = pack([1, *fields, 0, b"", 0, "", 0, 0, 0])
     key = cluster.institution_key(signer)
     signature = key.sign(signing_payload(network, EntryKind.TRANSFER, body)).signature
     return pack([1, network, int(EntryKind.TRANSFER), body, signer, bytes(key.verify_key), signature])

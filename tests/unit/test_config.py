@@ -939,3 +939,45 @@ def test_render_escapes_control_characters(tmp_path: Path) -> None:
     named = dataclasses.replace(genesis, institutions=(central_bank,), institution_nodes=())
     parsed = tomllib.loads(render_genesis(named))
     assert parsed["institutions"][0]["name"] == "tab\there\x7f\x01\nline"
+
+
+# ------------------------------------------------------------------------------------------------- [join]
+
+_join = {
+    "institution": "aba",
+    "raft_address": "127.0.0.1:7301",
+    "client_address": "127.0.0.1:8301",
+    "admin_address": "127.0.0.1:9301",
+}
+
+
+def test_a_node_admitted_after_genesis_loads_from_its_join_section(tmp_path: Path) -> None:
+    document = node_document()
+    document["node"]["name"] = "aba-2"
+    document["join"] = dict(_join)
+    config = load_node(tmp_path, document)
+    assert config.join.requested and config.join.institution == "aba"
+    assert "[join]" in render_node_config(config, tmp_path)
+
+
+def test_a_node_neither_in_genesis_nor_joining_is_refused(tmp_path: Path) -> None:
+    _, problems = node_problems(tmp_path, set_in("node", "name", "stranger"))
+    assert "[join] is not set" in only_problem(problems).message
+
+
+def test_a_genesis_node_with_a_join_section_is_refused(tmp_path: Path) -> None:
+    def change(document: dict[str, Any]) -> None:
+        document["join"] = dict(_join)
+
+    _, problems = node_problems(tmp_path, change)
+    assert only_problem(problems).key == "join"
+
+
+def test_a_joining_node_needs_every_join_key_and_valid_addresses(tmp_path: Path) -> None:
+    def change(document: dict[str, Any]) -> None:
+        document["node"]["name"] = "aba-2"
+        document["join"] = {**_join, "admin_address": "nowhere"}
+        del document["join"]["client_address"]
+
+    _, problems = node_problems(tmp_path, change)
+    assert sorted(problem.key for problem in problems) == ["join.admin_address", "join.client_address"]

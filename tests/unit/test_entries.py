@@ -64,7 +64,8 @@ def test_canonical_decoder_refuses_trailing_bytes_and_extension_types():
 
 
 def _body_with_amount(amount) -> bytes:
-    return pack([1, transfer_id, "sokha@aba", "dara@aba", amount, "KHR"])
+    # id, debit, credit, amount, currency, flags, pending_id, timeout, reference, code, rate numerator/denominator
+    return pack([1, transfer_id, "sokha@aba", "dara@aba", amount, "KHR", 0, b"", 0, "", 0, 0, 0])
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,7 @@ def test_largest_amount_is_accepted():
     assert decode_body(EntryKind.TRANSFER, _body_with_amount(2**63 - 1)).amount == 2**63 - 1
 
 
-@pytest.mark.parametrize("bad_id, code", [(bytes(16), "id_must_not_be_zero"), (b"\xff" * 16, "id_must_not_be_int_max")])
+@pytest.mark.parametrize(("bad_id", "code"), [(bytes(16), "id_must_not_be_zero"), (b"\xff" * 16, "id_must_not_be_int_max")])
 def test_reserved_ids_are_refused(bad_id, code):
     with pytest.raises(EntryError) as error:
         signed(Transfer(bad_id, "sokha@aba", "dara@aba", 1, "KHR"))
