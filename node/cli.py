@@ -10,7 +10,9 @@ from config.keys import generate_key_file
 from node.cli_support import cluster_of, exit_code_failure, pick_node, positive, print_json
 from node.client import ClientError
 from node.cluster import ClusterError, LocalCluster
+from node.khqr_cli import add_khqr_commands
 from node.ledger_commands import add_ledger_commands
+from node.receipt_cli import add_receipt_commands
 
 
 
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=command_status)
 
     add_ledger_commands(commands)
+    add_khqr_commands(commands)
+    add_receipt_commands(commands)
 
     load = commands.add_parser("load", help="drive random transfers and check conservation on every node")
     load.add_argument("--dir", required=True)

@@ -9,7 +9,8 @@ repository = Path(__file__).resolve().parents[2]
 pure_modules = [
     "config.schema", "config.loader", "config.render", "config.keys",
     "consensus.codec", "consensus.entries", "consensus.batch", "consensus.proposer",
-    "storage.state", "storage.records", "storage.rules", "storage.queries",
+    "storage.state", "storage.records", "storage.rules", "storage.queries", "storage.tree",
+    "consensus.merkle", "consensus.receipts",
 ]
 # Loading any of these means the module does IO of a kind the pure core must not do, or is not
 # deterministic (the apply must give the same result on every node).

@@ -1,0 +1,67 @@
+"""The ledger's append-only RFC 9162 Merkle tree, kept as complete subtree hashes in the "tree" database."""
+
+from __future__ import annotations
+
+import struct
+
+from consensus import merkle
+from storage.state import StateTransaction, StorageCorrupted
+
+_database = "tree"
+# Node keys are `u8 level || u64 index`; levels stop at 64, so a key starting 0xff is never a node.
+_size_key = b"\xffsize"
+_node_key = struct.Struct(">BQ")
+_u64 = struct.Struct(">Q")
+
+
+class _TransactionSubtrees:
+    """The tree's subtrees as seen through one state transaction (checksummed, state-hashed records)."""
+
+    def __init__(self, transaction: StateTransaction) -> None:
+        self._transaction = transaction
+
+    def tree_size(self) -> int:
+        payload = self._transaction.get(_database, _size_key)
+        if payload is None:
+            return 0
+        if len(payload) != _u64.size:
+            raise StorageCorrupted(f"tree size record is {len(payload)} bytes, not {_u64.size}")
+        return _u64.unpack(payload)[0]
+
+    def subtree_hash(self, level: int, index: int) -> bytes:
+        payload = self._transaction.get(_database, _node_key.pack(level, index))
+        # The size record says which subtrees exist: a missing or short one means the data file is damaged.
+        if payload is None or len(payload) != merkle.hash_bytes:
+            raise StorageCorrupted(f"tree subtree ({level}, {index}) is missing or damaged")
+        return payload
+
+
+def append_leaf(transaction: StateTransaction, leaf_data: bytes) -> int:
+    """Add a leaf and return its index: one size write, one leaf write and one per completed parent."""
+    created = merkle.appended_subtrees(_TransactionSubtrees(transaction), merkle.leaf_hash(leaf_data))
+    for level, index, value in created:
+        transaction.put(_database, _node_key.pack(level, index), value)
+    _, leaf_index, _ = created[0]
+    transaction.put(_database, _size_key, _u64.pack(leaf_index + 1))
+    return leaf_index
+
+
+def tree_size(transaction: StateTransaction) -> int:
+    return _TransactionSubtrees(transaction).tree_size()
+
+
+def root(transaction: StateTransaction, size: int | None = None) -> bytes:
+    """The tree's root hash now, or at any past size."""
+    return merkle.tree_root(_TransactionSubtrees(transaction), size)
+
+
+def leaf_hash(transaction: StateTransaction, leaf_index: int) -> bytes:
+    return merkle.stored_leaf_hash(_TransactionSubtrees(transaction), leaf_index)
+
+
+def inclusion_proof(transaction: StateTransaction, leaf_index: int, size: int) -> list[bytes]:
+    return merkle.inclusion_proof(_TransactionSubtrees(transaction), leaf_index, size)
+
+
+def consistency_proof(transaction: StateTransaction, old_size: int, new_size: int) -> list[bytes]:
+    return merkle.consistency_proof(_TransactionSubtrees(transaction), old_size, new_size)
