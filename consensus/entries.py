@@ -25,7 +25,7 @@ amount_max = 2**63 - 1
 transfer_id_bytes = 16
 public_key_bytes = 32
 signature_bytes = 64
-reference_characters_max = 64
+reference_characters_max = 128
 display_name_characters_max = 80
 user_data_bytes_max = 32
 code_max = 2**16 - 1
@@ -41,7 +41,7 @@ institution_id_pattern = re.compile(r"[a-z][a-z0-9_]{1,15}")
 node_name_pattern = re.compile(r"[a-z][a-z0-9-]{0,31}")
 currency_code_pattern = re.compile(r"[A-Z]{3}")
 cluster_id_pattern = re.compile(r"[a-z0-9][a-z0-9-]{2,63}")
-reference_pattern = re.compile(r"[\x20-\x7e]{0,64}")
+reference_pattern = re.compile(r"[\x20-\x7e]{0,128}")
 address_pattern = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}")
 
 institution_roles = ("bank", "mfi", "psp")

@@ -19,11 +19,13 @@ from consensus.codec import CodecError, is_integer, pack, unpack
 from consensus.entries import (
     EntryError,
     Issue,
+    Redeem,
     Transfer,
     cluster_id_pattern,
     decode_entry,
     signature_bytes,
     signature_is_valid,
+    transfer_like_kinds,
 )
 
 receipt_format_version = 1
@@ -118,11 +120,13 @@ def encode_leaf_data(entry_raw: bytes, result: str, raft_index: int, cluster_tim
 
 @dataclass(frozen=True, slots=True)
 class TreeHead:
-    """The ledger's tree at one applied Raft index: what validators sign so a receipt needs no node."""
+    """The ledger at one applied Raft index: the receipt tree and the state hash, what validators sign so a
+    receipt needs no node and an auditor can check a replay of the log against it."""
 
     cluster_id: str
     tree_size: int
     root_hash: bytes
+    state_hash: bytes
     applied_index: int
     cluster_time_ms: int
 
@@ -130,12 +134,13 @@ class TreeHead:
         _require(type(self.cluster_id) is str and bool(cluster_id_pattern.fullmatch(self.cluster_id)), "cluster id")
         _require(_is_u64(self.tree_size), "tree size must be a u64")
         _require(type(self.root_hash) is bytes and len(self.root_hash) == merkle.hash_bytes, "root hash")
+        _require(type(self.state_hash) is bytes and len(self.state_hash) == merkle.hash_bytes, "state hash")
         _require(_is_u64(self.applied_index), "applied index must be a u64")
         _require(_is_u64(self.cluster_time_ms), "head cluster time must be a u64")
 
     def signing_payload(self) -> bytes:
         cluster = self.cluster_id.encode()
-        fields = pack([self.tree_size, self.root_hash, self.applied_index, self.cluster_time_ms])
+        fields = pack([self.tree_size, self.root_hash, self.state_hash, self.applied_index, self.cluster_time_ms])
         return _head_signing_domain + len(cluster).to_bytes(1, "big") + cluster + fields
 
 
@@ -204,7 +209,7 @@ def _fields(receipt: Receipt) -> list[Any]:
         receipt.cluster_time_ms,
         receipt.leaf_index,
         list(receipt.inclusion_path),
-        [head.tree_size, head.root_hash, head.applied_index, head.cluster_time_ms],
+        [head.tree_size, head.root_hash, head.state_hash, head.applied_index, head.cluster_time_ms],
         [[item.validator, item.signature] for item in receipt.signatures],
     ]
 
@@ -214,7 +219,7 @@ def _receipt_from_fields(fields: object) -> Receipt:
     version, cluster_id, entry_raw, result, raft_index, cluster_time_ms, leaf_index, path, head, signatures = fields
     _require(is_integer(version) and version == receipt_format_version, f"receipt format {version!r}")
     _require(type(path) is list, "inclusion path must be an array")
-    _require(type(head) is list and len(head) == 4, "tree head must be an array of 4")
+    _require(type(head) is list and len(head) == 5, "tree head must be an array of 5")
     _require(type(signatures) is list, "signatures must be an array")
     _require(all(type(item) is list and len(item) == 2 for item in signatures), "a signature is [name, bytes]")
     return Receipt(
@@ -260,13 +265,14 @@ def decode_receipt_text(text: str) -> Receipt:
     return decode_receipt_binary(base45_decode(text[len(text_prefix) :]))
 
 
-def _transfer_fields(body: Transfer | Issue) -> dict[str, str | int | None]:
-    """The transfer as a person reads it; an issue has no debit account (the central bank creates money)."""
+def _transfer_fields(body: Transfer | Issue | Redeem) -> dict[str, str | int | None]:
+    """The transfer as a person reads it; an issue has no debit account (the central bank creates money)
+    and a redemption no credit account (it takes money out of circulation)."""
     return {
-        "kind": "transfer" if isinstance(body, Transfer) else "issue",
+        "kind": type(body).__name__.lower(),
         "id": body.id.hex(),
-        "debit": body.debit_account if isinstance(body, Transfer) else None,
-        "credit": body.credit_account,
+        "debit": getattr(body, "debit_account", None),
+        "credit": getattr(body, "credit_account", None),
         "amount": body.amount,
         "currency": body.currency,
     }
@@ -278,7 +284,7 @@ def _readable_transfer(entry_raw: bytes) -> dict[str, str | int | None] | None:
         body = decode_entry(entry_raw).body()
     except EntryError:
         return None
-    return _transfer_fields(body) if isinstance(body, (Transfer, Issue)) else None
+    return _transfer_fields(body) if isinstance(body, (Transfer, Issue, Redeem)) else None
 
 
 def encode_receipt_json(receipt: Receipt) -> str:
@@ -295,6 +301,7 @@ def encode_receipt_json(receipt: Receipt) -> str:
         "tree_head": {
             "tree_size": head.tree_size,
             "root_hash": head.root_hash.hex(),
+            "state_hash": head.state_hash.hex(),
             "applied_index": head.applied_index,
             "cluster_time_ms": head.cluster_time_ms,
         },
@@ -307,7 +314,7 @@ def encode_receipt_json(receipt: Receipt) -> str:
 _json_keys = {"format", "cluster_id", "entry_raw", "result", "raft_index", "cluster_time_ms", "leaf_index",
               "inclusion_path", "tree_head", "signatures"}
 _json_ignored_keys = {"transfer"}
-_json_head_keys = {"tree_size", "root_hash", "applied_index", "cluster_time_ms"}
+_json_head_keys = {"tree_size", "root_hash", "state_hash", "applied_index", "cluster_time_ms"}
 _json_signature_keys = {"validator", "signature"}
 
 
@@ -365,7 +372,13 @@ def decode_receipt_json(text: str | bytes) -> Receipt:
         document["cluster_time_ms"],
         document["leaf_index"],
         [_hex(item, "inclusion_path") for item in path],
-        [head["tree_size"], _hex(head["root_hash"], "root_hash"), head["applied_index"], head["cluster_time_ms"]],
+        [
+            head["tree_size"],
+            _hex(head["root_hash"], "root_hash"),
+            _hex(head["state_hash"], "state_hash"),
+            head["applied_index"],
+            head["cluster_time_ms"],
+        ],
         [
             [item["validator"], _hex(item["signature"], "signature")]
             for item in (_object(entry, _json_signature_keys, set(), "a signature") for entry in signatures)
@@ -496,8 +509,8 @@ def verify_receipt(receipt: Receipt | bytes | str, genesis: Genesis) -> Verifica
         body = entry.body()
     except EntryError as error:
         return _invalid("entry_malformed", error.message, code=error.code)
-    if not isinstance(body, (Transfer, Issue)):
-        return _invalid("entry_malformed", f"a receipt is for a transfer or an issue, not {entry.kind.name.lower()}")
+    if entry.kind not in transfer_like_kinds:
+        return _invalid("entry_malformed", f"a receipt is for a transfer, issue or redemption, not {entry.kind.name.lower()}")
     if not signature_is_valid(entry):
         return _invalid("entry_signature_invalid", "the entry's signature does not verify with the key it names")
     if receipt.leaf_index >= head.tree_size:
@@ -515,6 +528,7 @@ def verify_receipt(receipt: Receipt | bytes | str, genesis: Genesis) -> Verifica
         "leaf_index": receipt.leaf_index,
         "tree_size": head.tree_size,
         "root_hash": head.root_hash.hex(),
+        "state_hash": head.state_hash.hex(),
         "applied_index": head.applied_index,
         "head_cluster_time_ms": head.cluster_time_ms,
         **head_verification.details,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from config.keys import generate_key_file
+from node.audit import add_audit_commands
 from node.cli_support import cluster_of, exit_code_failure, pick_node, positive, print_json
 from node.client import ClientError
 from node.cluster import ClusterError, LocalCluster
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ledger_commands(commands)
     add_khqr_commands(commands)
     add_receipt_commands(commands)
+    add_audit_commands(commands)
 
     load = commands.add_parser("load", help="drive random transfers and check conservation on every node")
     load.add_argument("--dir", required=True)

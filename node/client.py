@@ -213,6 +213,19 @@ class AsyncClient:
     async def nodes(self) -> list[dict[str, Any]]:
         return (await self.request("nodes"))["nodes"]
 
+    async def receipt(self, transfer_id: bytes) -> dict[str, Any]:
+        """{"found", "why", "receipt": compact binary or None}; "why" is not_found or not_yet_signed."""
+        return await self.request("receipt", transfer_id=transfer_id)
+
+    async def receipt_status(self, transfer_id: bytes) -> dict[str, Any] | None:
+        return _found(await self.request("receipt_status", transfer_id=transfer_id), "receipt_status")
+
+    async def tree_head(self, index: int | None = None) -> dict[str, Any] | None:
+        return _found(await self.request("tree_head", **_given(index=index)), "head")
+
+    async def consistency_proof(self, old_size: int, new_size: int) -> list[bytes] | None:
+        return _found(await self.request("consistency_proof", old_size=old_size, new_size=new_size), "proof")
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -328,6 +341,20 @@ class Client:
 
     def nodes(self) -> list[dict[str, Any]]:
         return self.request("nodes")["nodes"]
+
+    def receipt(self, transfer_id: bytes) -> dict[str, Any]:
+        """{"found", "why", "receipt": compact binary or None}; "why" is not_found or not_yet_signed."""
+        return self.request("receipt", transfer_id=transfer_id)
+
+    def receipt_status(self, transfer_id: bytes) -> dict[str, Any] | None:
+        return _found(self.request("receipt_status", transfer_id=transfer_id), "receipt_status")
+
+    def tree_head(self, index: int | None = None) -> dict[str, Any] | None:
+        """The first head at or after `index` signed by a majority (the latest such head without one)."""
+        return _found(self.request("tree_head", **_given(index=index)), "head")
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes] | None:
+        return _found(self.request("consistency_proof", old_size=old_size, new_size=new_size), "proof")
 
     def close(self) -> None:
         if self._socket is not None:

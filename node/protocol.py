@@ -131,6 +131,12 @@ query_operations: dict[str, dict[str, tuple[type, bool]]] = {
     "history": {"account": (str, True), "start_ms": (int, False), "end_ms": (int, False), "limit": (int, False), "cursor": (bytes, False)},
     "institution": {"institution": (str, True)},
     "alias": {"alias": (str, True)},
+    "receipt": {"transfer_id": (bytes, True)},
+    "receipt_status": {"transfer_id": (bytes, True)},
+    "tree_head": {"index": (int, False)},
+    "consistency_proof": {"old_size": (int, True), "new_size": (int, True)},
+    # From a validator: its signature over this node's tree head at an index (kept only if it verifies).
+    "head_signature": {"index": (int, True), "validator": (str, True), "signature": (bytes, True)},
 }
 query_string_characters_max = 96
 query_limit_max = 1000
@@ -181,6 +187,8 @@ def _query(operation: str, message: dict[str, Any], request_id: int) -> QueryReq
             raise ProtocolError(ERROR_MALFORMED_REQUEST, f"limit must be 1..{query_limit_max}", request_id)
         if name == "transfer_id" and len(value) != 16:
             raise ProtocolError(ERROR_MALFORMED_REQUEST, "transfer_id must be 16 bytes", request_id)
+        if name == "signature" and len(value) != 64:
+            raise ProtocolError(ERROR_MALFORMED_REQUEST, "signature must be 64 bytes", request_id)
         if name == "cursor" and len(value) > query_cursor_bytes_max:
             raise ProtocolError(ERROR_MALFORMED_REQUEST, "cursor is too long", request_id)
         arguments[name] = value

@@ -18,6 +18,7 @@ from consensus.entries import EntryError, SignedEntry, Transfer, TransferFlags, 
 from consensus.proposer import Proposer, ProposerLimits
 from consensus.raft.adapter import RaftEvents, RaftNode
 from node.failpoints import enabled_failpoints
+from node.heads import HeadSignatures
 from node.metrics import NodeMetrics
 from node.protocol import (
     ERROR_BUSY,
@@ -29,9 +30,10 @@ from node.protocol import (
     SubmitRequest,
 )
 from node.verifier import SignatureVerifier
-from storage import queries
+from consensus.receipts import encode_receipt_binary
+from storage import queries, tree
 from storage.records import earliest_expiry_ms
-from storage.rules import AppliedBatch, initialize
+from storage.rules import AppliedBatch, head_window_ms, initialize
 from storage.state import StateTransaction, open_store
 
 logger = logging.getLogger("tonle.node")
@@ -87,6 +89,8 @@ class _Events(RaftEvents):
         self._node.verifier.wait_for_batch(batch_bytes)
 
     def before_commit(self, transaction: StateTransaction, batch: AppliedBatch) -> None:
+        if batch.head is not None:
+            self._node.heads.sign_in_apply(transaction, batch.head)
         if "apply_extra_record" in self._node.failpoints:
             self._node.failpoints = self._node.failpoints - {"apply_extra_record"}
             logger.warning("failpoint apply_extra_record: writing a record no other node has at index %d", batch.index)
@@ -145,6 +149,8 @@ class LedgerNode:
         self._last_leader: str | None = None
         self._last_checkpoint_index = 0
         self._last_proposal_time = 0.0
+        self._leaves_without_head = False
+        self.heads = HeadSignatures(self)
 
     # Start-up -------------------------------------------------------------------------------------------
 
@@ -198,6 +204,7 @@ class LedgerNode:
     def close(self) -> None:
         if self.raft is not None:
             self.raft.destroy()
+        self.heads.close()
         self.verifier.close()
         self.store.close()
 
@@ -205,6 +212,11 @@ class LedgerNode:
 
     def on_applied(self, batch: AppliedBatch) -> None:
         self._last_applied = batch
+        if batch.head is not None:
+            self.heads.on_applied(batch.head)
+            self._leaves_without_head = False
+        elif batch.outcomes:
+            self._leaves_without_head = True
         history = self._state_hash_history
         history[batch.index] = batch.state_hash
         while len(history) > state_hash_history_max:
@@ -477,7 +489,10 @@ class LedgerNode:
             and self._state_hash_history.get(self._last_checkpoint_index) != last.state_hash
             and time.monotonic() - self._last_proposal_time >= checkpoint_interval_seconds
         )
-        if not expiry_due and not checkpoint_due:
+        # Transfers applied after the last head wait for the next one; under load batches bring it within
+        # a head window, when idle this empty batch does (its cluster time starts a new window).
+        head_due = self._leaves_without_head and time.monotonic() - self._last_proposal_time >= head_window_ms / 1000
+        if not expiry_due and not checkpoint_due and not head_due:
             return
         checkpoint = None if last is None else Checkpoint(last.index, last.state_hash)
         if checkpoint is not None:
@@ -523,6 +538,8 @@ class LedgerNode:
         operation = request.operation
         if operation == "status":
             return {"status": self.status()}
+        if operation == "head_signature":
+            return {"result": self.heads.receive(arguments["index"], arguments["validator"], arguments["signature"])}
         with self.store.read() as transaction:
             if operation == "lookup_transfer":
                 record = queries.transfer(transaction, arguments["transfer_id"])
@@ -555,6 +572,21 @@ class LedgerNode:
                 return {"accounts": queries.accounts(transaction)}
             if operation == "nodes":
                 return {"nodes": queries.nodes(transaction)}
+            validators = len(self.genesis.validators)
+            if operation == "receipt":
+                receipt, why = queries.receipt(transaction, arguments["transfer_id"], self.genesis.cluster_id, validators)
+                return {"found": receipt is not None, "why": why, "receipt": None if receipt is None else encode_receipt_binary(receipt)}
+            if operation == "receipt_status":
+                status = queries.receipt_status(transaction, arguments["transfer_id"])
+                return {"found": status is not None, "receipt_status": status}
+            if operation == "tree_head":
+                head = queries.signed_head(transaction, self.genesis.cluster_id, validators, arguments.get("index", 0), "index" not in arguments)
+                return {"found": head is not None, "head": None if head is None else _head_document(head)}
+            if operation == "consistency_proof":
+                old_size, new_size = arguments["old_size"], arguments["new_size"]
+                if not 0 < old_size <= new_size <= tree.tree_size(transaction):
+                    return {"found": False, "proof": []}
+                return {"found": True, "proof": tree.consistency_proof(transaction, old_size, new_size)}
         raise ValueError(f"no handler for {operation}")
 
     def _position(self, transaction) -> dict[str, Any]:
@@ -622,6 +654,13 @@ class LedgerNode:
                 metrics.peer_connected.labels(validator.name).set(1 if validator.name in raft.connected_peers else 0)
         metrics.storage_used.set(self.store.used_bytes())
         metrics.storage_map_size.set(self.store.map_size_bytes())
+
+
+def _head_document(head) -> dict[str, Any]:
+    return {
+        "index": head.index, "tree_size": head.tree_size, "root_hash": head.root_hash, "state_hash": head.state_hash,
+        "cluster_time_ms": head.cluster_time_ms, "signatures": [list(item) for item in head.signatures],
+    }
 
 
 class Forwarder:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from consensus.entries import EntryError, Issue, Redeem, Transfer, decode_entry
+from consensus.receipts import HeadSignature, Receipt, TreeHead
+from storage import tree
 from storage.records import (
     AccountKind,
     Balance,
@@ -16,6 +18,7 @@ from storage.records import (
     get_institution,
     get_pending,
     get_transfer,
+    heads_from,
     list_accounts,
     list_currencies,
     list_nodes,
@@ -199,3 +202,68 @@ def totals(transaction: StateTransaction) -> dict[str, dict[str, int]]:
         else:
             row["held"] += net
     return result
+
+
+# Receipts ---------------------------------------------------------------------------------------------
+
+# How many heads after a transfer to look through for one signed by a majority of validators.
+receipt_head_search_max = 10_000
+
+
+def majority(validator_count: int) -> int:
+    return validator_count // 2 + 1
+
+
+def receipt(transaction: StateTransaction, transfer_id: bytes, cluster_id: str, validator_count: int) -> tuple[Receipt | None, str]:
+    """The receipt of a transfer: its leaf, the first head after it signed by a majority of validators, and
+    the inclusion proof for that head's tree. Returns (None, why) while there is none yet."""
+    record = get_transfer(transaction, transfer_id)
+    if record is None:
+        return None, "not_found"
+    needed = majority(validator_count)
+    for searched, head in enumerate(heads_from(transaction, record.index)):
+        if searched == receipt_head_search_max:
+            break
+        if head.tree_size <= record.leaf_index or len({name for name, _ in head.signatures}) < needed:
+            continue
+        tree_head = TreeHead(cluster_id, head.tree_size, head.root_hash, head.state_hash, head.index, head.cluster_time_ms)
+        return (
+            Receipt(
+                entry_raw=record.entry,
+                result=record.result,
+                raft_index=record.index,
+                cluster_time_ms=record.cluster_time_ms,
+                leaf_index=record.leaf_index,
+                inclusion_path=tuple(tree.inclusion_proof(transaction, record.leaf_index, head.tree_size)),
+                head=tree_head,
+                signatures=tuple(HeadSignature(name, signature) for name, signature in sorted(head.signatures)),
+            ),
+            "ok",
+        )
+    return None, "not_yet_signed"
+
+
+def receipt_status(transaction: StateTransaction, transfer_id: bytes) -> dict[str, Any] | None:
+    """Whether a receipt still stands: a later correcting transfer that references `reverses:<id>` and
+    succeeded reverses it (transfers are immutable; corrections are new transfers, as in TigerBeetle)."""
+    record = get_transfer(transaction, transfer_id)
+    if record is None:
+        return None
+    reversals = []
+    for reversal_id in transfers_by_reference(transaction, f"reverses:{transfer_id.hex()}", reference_limit_max):
+        reversal = get_transfer(transaction, reversal_id)
+        if reversal is not None and reversal.result == "ok":
+            reversals.append(reversal_id)
+    return {"id": transfer_id, "result": record.result, "current": not reversals, "reversed_by": reversals}
+
+
+def signed_head(transaction: StateTransaction, cluster_id: str, validator_count: int, at_or_after: int = 0, latest: bool = False):
+    """A head signed by a majority: the first at or after an index, or the latest one."""
+    needed = majority(validator_count)
+    chosen = None
+    for head in heads_from(transaction, at_or_after):
+        if len({name for name, _ in head.signatures}) >= needed:
+            chosen = head
+            if not latest:
+                break
+    return chosen

@@ -156,6 +156,7 @@ class TransferRecord:
     index: int
     cluster_time_ms: int
     amount: int
+    leaf_index: int  # its leaf in the receipt tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +319,7 @@ def put_balance(transaction: StateTransaction, account_number: int, balance: Bal
 
 
 def get_transfer(transaction: StateTransaction, transfer_id: bytes) -> TransferRecord | None:
-    values = _fields(transaction, "transfers", transfer_id, 6)
+    values = _fields(transaction, "transfers", transfer_id, 7)
     return None if values is None else TransferRecord(*values)
 
 
@@ -326,7 +327,7 @@ def put_transfer(transaction: StateTransaction, transfer_id: bytes, record: Tran
     transaction.put(
         "transfers",
         transfer_id,
-        pack([record.kind, record.entry, record.result, record.index, record.cluster_time_ms, record.amount]),
+        pack([record.kind, record.entry, record.result, record.index, record.cluster_time_ms, record.amount, record.leaf_index]),
     )
 
 
@@ -451,7 +452,9 @@ def put_outflow(transaction: StateTransaction, account_number: int, day: int, am
 
 
 def put_reference(transaction: StateTransaction, reference: str, transfer_id: bytes) -> None:
-    transaction.put("references", reference.encode() + b"\x00" + transfer_id, b"")
+    """Index every whitespace-separated token of a reference, so "md5:<hex> bill:INV-1" is found by either."""
+    for token in sorted(set(reference.split())):
+        transaction.put("references", token.encode() + b"\x00" + transfer_id, b"")
 
 
 def transfers_by_reference(transaction: StateTransaction, reference: str, limit: int) -> list[bytes]:
@@ -477,3 +480,59 @@ def time_of_index(transaction: StateTransaction, index: int) -> int | None:
     for key, payload in transaction.items_reverse("batch_times", b"", _u64.pack(index + 1)):
         return _u64.unpack(payload)[0]
     return None
+
+
+# Archive and tree heads (outside the state hash) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRecord:
+    """A tree head the apply computed at an index, with the validator signatures gathered for it."""
+
+    index: int
+    tree_size: int
+    root_hash: bytes
+    state_hash: bytes
+    cluster_time_ms: int
+    signatures: tuple[tuple[str, bytes], ...]
+
+
+def put_archived_batch(transaction: StateTransaction, index: int, batch_bytes: bytes) -> None:
+    transaction.put_unhashed("archive", _u64.pack(index), batch_bytes)
+
+
+def archived_batches(transaction: StateTransaction, first_index: int, last_index: int):
+    """(index, batch bytes) of every archived batch in [first_index, last_index], in order."""
+    for key, payload in transaction.items("archive", start=_u64.pack(first_index)):
+        index = _u64.unpack(key)[0]
+        if index > last_index:
+            return
+        yield index, payload
+
+
+def put_head(transaction: StateTransaction, head: HeadRecord) -> None:
+    transaction.put_unhashed(
+        "heads",
+        _u64.pack(head.index),
+        pack([head.tree_size, head.root_hash, head.state_hash, head.cluster_time_ms, [list(item) for item in head.signatures]]),
+    )
+
+
+def _head(key: bytes, payload: bytes) -> HeadRecord:
+    values = unpack(payload)
+    if type(values) is not list or len(values) != 5:
+        raise _corrupt("head", key)
+    tree_size, root_hash, state_hash, cluster_time_ms, signatures = values
+    return HeadRecord(_u64.unpack(key)[0], tree_size, root_hash, state_hash, cluster_time_ms, tuple((name, signature) for name, signature in signatures))
+
+
+def get_head(transaction: StateTransaction, index: int) -> HeadRecord | None:
+    key = _u64.pack(index)
+    payload = transaction.get("heads", key)
+    return None if payload is None else _head(key, payload)
+
+
+def heads_from(transaction: StateTransaction, index: int):
+    """Heads at or after `index`, oldest first."""
+    for key, payload in transaction.items("heads", start=_u64.pack(index)):
+        yield _head(key, payload)

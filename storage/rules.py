@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from config.schema import Genesis, Role
 from consensus.batch import BatchError, Checkpoint, decode_batch
+from consensus.receipts import encode_leaf_data
 from consensus.entries import (
     AccountFlags,
     AdmitInstitution,
@@ -44,6 +45,7 @@ from storage.records import (
     AccountStatus,
     Balance,
     CurrencyRecord,
+    HeadRecord,
     HistoryEvent,
     InstitutionRecord,
     InstitutionStatus,
@@ -74,9 +76,11 @@ from storage.records import (
     phnom_penh_day,
     put_account,
     put_alias,
+    put_archived_batch,
     put_balance,
     put_batch_time,
     put_currency,
+    put_head,
     put_history,
     put_institution,
     put_node,
@@ -88,6 +92,7 @@ from storage.records import (
     settlement_account,
     with_status,
 )
+from storage import tree
 from storage.state import StateTransaction, StorageCorrupted
 
 OK = "ok"
@@ -96,6 +101,11 @@ EXISTS_WITH_DIFFERENT_FIELDS = "exists_with_different_fields"
 ID_ALREADY_FAILED = "id_already_failed"
 LINKED_EVENT_FAILED = "linked_event_failed"
 LINKED_EVENT_CHAIN_OPEN = "linked_event_chain_open"
+
+# Validators sign a tree head at the end of the first batch in each window of cluster time. The rule only
+# reads the log (batch times), so every node computes heads at the same indexes: all validators sign the
+# same heads, and a head gathers a majority of signatures within about a window of the commit.
+head_window_ms = 500
 
 # pysyncobj starts every log with a no-op at index 1 that it never applies (raftLastApplied starts at 1),
 # so the first index any node applies is 2. Index 1 is "applied" by the genesis itself.
@@ -133,6 +143,7 @@ class AppliedBatch:
     checkpoint: Checkpoint | None
     batch_error: str | None = None
     expired: tuple[bytes, ...] = ()
+    head: HeadRecord | None = None
 
 
 Verify = Callable[[SignedEntry], bool]
@@ -199,20 +210,28 @@ def apply_batch(
         return None
     if index != applied_index + 1:
         raise ApplyGap(f"asked to apply index {index} after {applied_index}")
+    put_archived_batch(transaction, index, batch_bytes)
     try:
         batch = decode_batch(batch_bytes)
     except BatchError as error:
         transaction.set_applied_index(index)
         return AppliedBatch(index, transaction.cluster_time_ms(), (), transaction.state_hash(), None, str(error))
     # Cluster time only moves forward, whatever the clock of a new leader says.
-    cluster_time_ms = max(transaction.cluster_time_ms(), batch.proposer_time_ms)
+    previous_time_ms = transaction.cluster_time_ms()
+    cluster_time_ms = max(previous_time_ms, batch.proposer_time_ms)
     context = _Context(transaction, index, cluster_time_ms, cluster_id, verify)
     expired = context.expire_pending()
     outcomes = context.apply_entries(batch.entries)
     put_batch_time(transaction, index, cluster_time_ms)
     transaction.set_cluster_time_ms(cluster_time_ms)
     transaction.set_applied_index(index)
-    return AppliedBatch(index, cluster_time_ms, outcomes, transaction.state_hash(), batch.checkpoint, None, expired)
+    state_hash = transaction.state_hash()
+    head = None
+    size = tree.tree_size(transaction)
+    if size and cluster_time_ms // head_window_ms > previous_time_ms // head_window_ms:
+        head = HeadRecord(index, size, tree.root(transaction, size), state_hash, cluster_time_ms, ())
+        put_head(transaction, head)
+    return AppliedBatch(index, cluster_time_ms, outcomes, state_hash, batch.checkpoint, None, expired, head)
 
 
 def apply_no_op(transaction: StateTransaction, index: int) -> bool:
@@ -362,11 +381,18 @@ class _Context:
             return
         transfer_id = member.body.id  # type: ignore[union-attr]
         if get_transfer(self.transaction, transfer_id) is None:
-            put_transfer(
-                self.transaction,
-                transfer_id,
-                TransferRecord(int(member.entry.kind), member.entry.raw, result, self.index, self.cluster_time_ms, 0),
-            )
+            self._record(member, result, 0)
+
+    def _record(self, decoded: _Decoded, result: str, amount: int) -> None:
+        """Pin an id's outcome, index its references, and add it to the receipt tree as one leaf."""
+        body = decoded.body
+        leaf_index = tree.append_leaf(
+            self.transaction, encode_leaf_data(decoded.entry.raw, result, self.index, self.cluster_time_ms)
+        )
+        record = TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount, leaf_index)
+        put_transfer(self.transaction, body.id, record)  # type: ignore[union-attr]
+        if isinstance(body, Transfer) and body.reference:
+            put_reference(self.transaction, body.reference, body.id)
 
     # Transfers, issues and redemptions ---------------------------------------------------------------------
 
@@ -392,13 +418,7 @@ class _Context:
         except _Rejected as rejected:
             result = rejected.result
             amount = 0
-        put_transfer(
-            self.transaction,
-            body.id,  # type: ignore[union-attr]
-            TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount),
-        )
-        if result == OK and isinstance(body, Transfer) and body.reference:
-            put_reference(self.transaction, body.reference, body.id)
+        self._record(decoded, result, amount)
         return EntryOutcome(decoded.key, result, None, amount if result == OK else None)
 
     @staticmethod

@@ -30,7 +30,10 @@ _state_database_names = (
     "batch_times",
     "tree",
 )
-_database_names = ("meta", *_state_database_names)
+# Databases outside the state hash: bookkeeping (meta), the archive of applied batches (what `tonle export`
+# hands an auditor) and signed tree heads (validators' attestations about the state, not state).
+_unhashed_database_names = ("meta", "archive", "heads")
+_database_names = (*_unhashed_database_names, *_state_database_names)
 databases_max = 32
 readers_max = 256
 
@@ -269,8 +272,13 @@ class StateTransaction:
         return self.get("meta", key)
 
     def _put_meta(self, key: bytes, payload: bytes) -> None:
-        # Meta is bookkeeping about the state, not state: it is sealed but not part of the state hash.
-        self._transaction.put(key, _seal(b"meta", key, payload), db=self._databases["meta"])
+        self.put_unhashed("meta", key, payload)
+
+    def put_unhashed(self, database: str, key: bytes, payload: bytes) -> None:
+        """Write a sealed record that is about the state, not state: it is not part of the state hash."""
+        if database not in _unhashed_database_names:
+            raise ValueError(f"{database} is part of the state hash; use put()")
+        self._transaction.put(key, _seal(database.encode(), key, payload), db=self._databases[database])
 
     def _meta_int(self, key: bytes) -> int:
         payload = self._get_meta(key)

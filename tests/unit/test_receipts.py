@@ -5,16 +5,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
-import struct
 import sys
-import xml.etree.ElementTree as ElementTree
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-import zxingcpp
 from nacl.signing import SigningKey
 
 from config.render import render_genesis
@@ -52,6 +47,7 @@ from consensus.receipts import (
 from node.receipt_cli import add_receipt_commands, receipt_input_bytes_max
 from storage import tree
 from storage.state import LedgerStore
+from tests.qr_reading import png_luminance, read_qr_text, svg_luminance
 
 cluster_id = "tonle-receipts-1"
 transfer_id = bytes(range(1, 17))
@@ -114,7 +110,7 @@ def build_fixture(directory: Path) -> Fixture:
         for number in range(leaves_after):
             tree.append_leaf(transaction, encode_leaf_data(b"later %d" % number, "exceeds_credits", 50, 1_700_000_200_000))
         size = tree.tree_size(transaction)
-        head = TreeHead(cluster_id, size, tree.root(transaction), 57, 1_700_000_300_000)
+        head = TreeHead(cluster_id, size, tree.root(transaction), transaction.state_hash(), 57, 1_700_000_300_000)
         path = tuple(tree.inclusion_proof(transaction, leaf_index, size))
     store.close()
     receipt = Receipt(
@@ -240,7 +236,7 @@ def byte_reasons(receipt: Receipt) -> list[tuple[str, set[str]]]:
     for item in path:
         scalar(item, "path_hash", leaf_reasons)
     header(head, "tree_head")
-    for name, item in zip(("tree_size", "root_hash", "applied_index", "head_cluster_time_ms"), head, strict=True):
+    for name, item in zip(("tree_size", "root_hash", "state_hash", "applied_index", "head_cluster_time_ms"), head, strict=True):
         scalar(item, name, head_reasons)
     header(signatures, "signatures")
     for name, signature in signatures:
@@ -271,7 +267,7 @@ def test_every_single_byte_change_is_malformed_or_invalid_for_its_own_field(fixt
     assert seen["leaf_index"] >= {"inclusion_proof_invalid", "leaf_index_out_of_range"}
     for field in ("result", "raft_index", "cluster_time_ms", "path_hash"):
         assert "inclusion_proof_invalid" in seen[field], field
-    for field in ("tree_size", "root_hash", "applied_index", "head_cluster_time_ms", "head_signature"):
+    for field in ("tree_size", "root_hash", "state_hash", "applied_index", "head_cluster_time_ms", "head_signature"):
         assert "head_signature_invalid" in seen[field], field
     assert seen["validator_name"] >= {"unknown_signer", "duplicate_signer"}
 
@@ -421,73 +417,6 @@ def test_field_limits_are_enforced(fixture):
 
 
 # QR --------------------------------------------------------------------------------------------------------
-
-
-def png_luminance(png: bytes) -> tuple[int, int, bytes]:
-    """The pixels of a 1-bit greyscale PNG (what segno writes), one byte per pixel, with the stdlib only."""
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    position, compressed, header = 8, b"", None
-    while True:
-        (length,) = struct.unpack(">I", png[position : position + 4])
-        kind = png[position + 4 : position + 8]
-        data = png[position + 8 : position + 8 + length]
-        (checksum,) = struct.unpack(">I", png[position + 8 + length : position + 12 + length])
-        assert zlib.crc32(kind + data) == checksum
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", data)
-        elif kind == b"IDAT":
-            compressed += data
-        elif kind == b"IEND":
-            break
-        position += 12 + length
-    width, height, depth, colour_type, _, _, interlace = header
-    assert (depth, colour_type, interlace) == (1, 0, 0)
-    raw = zlib.decompress(compressed)
-    stride = (width + 7) // 8
-    previous = bytes(stride)
-    pixels = bytearray()
-    for row in range(height):
-        start = row * (stride + 1)
-        filter_type, line = raw[start], raw[start + 1 : start + 1 + stride]
-        assert filter_type in (0, 2)  # None and Up: the two filters segno uses
-        if filter_type == 2:
-            line = bytes((value + above) & 0xFF for value, above in zip(line, previous, strict=True))
-        previous = line
-        pixels += bytes(255 if line[x >> 3] >> (7 - (x & 7)) & 1 else 0 for x in range(width))
-    return width, height, bytes(pixels)
-
-
-svg_namespace = "{http://www.w3.org/2000/svg}"
-
-
-def svg_luminance(svg: str, pixels_per_module: int) -> tuple[int, int, bytes]:
-    """Rasterise segno's SVG (a background square, then one path of horizontal runs of dark modules)."""
-    root = ElementTree.fromstring(svg.encode("utf-8"))
-    assert root.tag == f"{svg_namespace}svg"
-    background, runs = root.find(f"{svg_namespace}g").findall(f"{svg_namespace}path")
-    size = int(re.fullmatch(r"M0 0h(\d+)v\1h-\1z", background.get("d")).group(1))
-    modules = [[255] * size for _ in range(size)]
-    x = y = 0.0
-    for command, first, second in re.findall(r"([Mmh])(-?[\d.]+)(?: (-?[\d.]+))?", runs.get("d")):
-        if command == "M":
-            x, y = float(first), float(second)
-        elif command == "m":
-            x, y = x + float(first), y + float(second)
-        else:
-            for column in range(int(x), int(x + float(first))):
-                modules[int(y)][column] = 0
-            x += float(first)
-    pixels = b"".join(
-        bytes(value for value in row for _ in range(pixels_per_module)) * pixels_per_module for row in modules
-    )
-    return size * pixels_per_module, size * pixels_per_module, pixels
-
-
-def read_qr_text(width: int, height: int, pixels: bytes) -> str:
-    image = memoryview(pixels).cast("B", shape=[height, width])
-    codes = zxingcpp.read_barcodes(image, formats=zxingcpp.BarcodeFormat.QRCode, text_mode=zxingcpp.TextMode.Plain)
-    assert len(codes) == 1
-    return codes[0].text
 
 
 def test_the_qr_png_decodes_to_the_text_form_and_verifies(fixture):
