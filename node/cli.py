@@ -8,11 +8,13 @@ from pathlib import Path
 
 from config.keys import generate_key_file
 from node.audit import add_audit_commands
+from node.bench import add_bench_commands
 from node.cli_support import cluster_of, exit_code_failure, pick_node, positive, print_json
 from node.client import ClientError
 from node.cluster import ClusterError, LocalCluster
 from node.khqr_cli import add_khqr_commands
 from node.ledger_commands import add_ledger_commands
+from node.monitoring import write_prometheus_config
 from node.receipt_cli import add_receipt_commands
 
 
@@ -41,6 +43,7 @@ def command_cluster_up(arguments: argparse.Namespace) -> int:
         accounts_per_currency=arguments.accounts,
         log_format=arguments.log_format,
     )
+    prometheus_config = write_prometheus_config(cluster)
     cluster.start()
     try:
         leader = cluster.wait_for_leader()
@@ -50,6 +53,7 @@ def command_cluster_up(arguments: argparse.Namespace) -> int:
         cluster.kill()
         raise
     print(f"network {cluster.cluster_id} is up in {cluster.directory}: leader {leader}", file=sys.stderr)
+    print(f"Prometheus scrape config (with alert rules): {prometheus_config}", file=sys.stderr)
     print_json({"cluster_id": cluster.cluster_id, "leader": leader, "nodes": list(cluster.nodes)})
     return 0
 
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_khqr_commands(commands)
     add_receipt_commands(commands)
     add_audit_commands(commands)
+    add_bench_commands(commands)
 
     load = commands.add_parser("load", help="drive random transfers and check conservation on every node")
     load.add_argument("--dir", required=True)

@@ -73,6 +73,8 @@ _institution_catalogue = (
     ("canadia", "Canadia Bank", Role.BANK),
 )
 _currencies = (Currency("KHR", 0), Currency("USD", 2))
+# Entries per request while opening and funding accounts (a network may have many thousands).
+setup_request_entries_max = 2000
 # Funding for each customer account of a local network, in minor units.
 customer_funding = {"KHR": 400_000_000, "USD": 10_000_000}
 
@@ -166,6 +168,7 @@ class LocalCluster:
         *,
         validators: int = 3,
         institutions: int = 2,
+        institution_nodes: bool = True,
         accounts_per_currency: int = 4,
         raft: RaftConfig = local_raft,
         storage: StorageConfig | None = None,
@@ -173,7 +176,10 @@ class LocalCluster:
         api: ApiConfig | None = None,
         log_format: str = "text",
     ) -> LocalCluster:
-        """Write keys, genesis, node configs and cluster.json for a new network (nothing is started)."""
+        """Write keys, genesis, node configs and cluster.json for a new network (nothing is started).
+
+        Each of `institutions` gets customer accounts and, unless `institution_nodes` is false, a node.
+        """
         if validators < 1:
             raise ValueError("a network needs at least one validator")
         directory = directory.resolve()
@@ -192,7 +198,8 @@ class LocalCluster:
             institution_records.append(Institution(institution_id, display_name, role, public_key))
 
         node_rows = [(f"v{number}", NodeRole.VALIDATOR, None) for number in range(1, validators + 1)]
-        node_rows += [(f"{row[0]}-1", NodeRole.INSTITUTION, row[0]) for row in _institution_specs(institutions)]
+        if institution_nodes:
+            node_rows += [(f"{row[0]}-1", NodeRole.INSTITUTION, row[0]) for row in _institution_specs(institutions)]
         ports = _free_ports(3 * len(node_rows))
         specs = []
         for position, (name, role, institution) in enumerate(node_rows):
@@ -600,12 +607,11 @@ class LocalCluster:
                 issues.append(self.sign(issue, central_bank))
         with self.client(target) as client:
             for stage in (entries, issues, payouts):
-                if not stage:
-                    continue
-                results = client.submit(stage, deadline_seconds=wait_seconds_default)
-                failed = [result for result in results if result["result"] not in ("ok", "exists")]
-                if failed:
-                    raise self._fail(f"setting up accounts failed: {failed[:5]}")
+                for start in range(0, len(stage), setup_request_entries_max):
+                    results = client.submit(stage[start : start + setup_request_entries_max], deadline_seconds=wait_seconds_default)
+                    failed = [result for result in results if result["result"] not in ("ok", "exists")]
+                    if failed:
+                        raise self._fail(f"setting up accounts failed: {failed[:5]}")
 
 
 def _is_our_process(pid: int, config: Path) -> bool:

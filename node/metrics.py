@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import platform
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
-# Classic histograms with 1 ms x 2^k buckets: 1 ms .. ~16 s, wide enough for a commit under any fault.
-latency_buckets_seconds = tuple(0.001 * 2**k for k in range(15))
-# Fsyncs and applies are often well under a millisecond; start lower for them.
-short_latency_buckets_seconds = tuple(0.0000625 * 2**k for k in range(19))
-batch_entry_buckets = tuple(2**k for k in range(13))
+# `_created` series double the series count of every counter and histogram, and no alert or panel reads them.
+disable_created_metrics()
+
+# etcd's commit-path buckets, 1 ms x 2^k, so dashboards built for etcd read the same way. The top bucket
+# (16.384 s) is wide enough for a commit that waits out an election.
+latency_buckets_seconds = tuple(0.001 * 2.0**k for k in range(15))
+# The same ladder extended four steps down to 62.5 us (1 ms x 2^-4) for stages that usually finish well
+# under a millisecond. From 1 ms up the boundaries coincide with latency_buckets_seconds.
+short_latency_buckets_seconds = tuple(0.001 * 2.0**k for k in range(-4, 15))
+batch_entry_buckets = tuple(float(2**k) for k in range(13))
+
+# pysyncobj's FAIL_REASON names (lower case, as the adapter reports them) plus the node's own timeout.
+# Exported at zero from the start so a rate over them exists before the first failure.
+proposal_failure_reasons = (
+    "queue_full",
+    "missing_leader",
+    "discarded",
+    "not_leader",
+    "leader_changed",
+    "request_denied",
+    "unknown_outcome",
+    "timeout",
+)
+health_check_results = ("passed", "failed")
+
+_short_note = " Buckets start at 62.5 us (1 ms x 2^-4): the stage is usually sub-millisecond."
 
 
 def _version(package: str) -> str:
@@ -26,21 +48,38 @@ class NodeMetrics:
     def __init__(self, node_name: str, node_role: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
         self.registry = registry
-        build = Info("tonle_build", "Build and identity of this node.", registry=registry)
+        # `name` and `role`, not `node` and `node_role`: those are the scrape target's labels and a clash
+        # would rename these to `exported_*`.
+        build = Info("tonle_build", "Build and identity of this node (always 1).", registry=registry)
         build.info(
             {
                 "version": _version("tonle"),
                 "pysyncobj_version": _version("pysyncobj"),
-                "node": node_name,
+                "python_version": platform.python_version(),
+                "name": node_name,
                 "role": node_role,
             }
         )
-        # Raft -------------------------------------------------------------------------------------------
+        self._define_raft(registry)
+        self._define_commit_path(registry)
+        self._define_state(registry)
+        self._define_api_and_health(registry)
+
+    def _define_raft(self, registry: CollectorRegistry) -> None:
         self.is_leader = Gauge("tonle_raft_is_leader", "1 if this node is the Raft leader.", registry=registry)
         self.has_leader = Gauge("tonle_raft_has_leader", "1 if this node knows a leader.", registry=registry)
         self.leader_changes = Counter(
-            "tonle_raft_leader_changes", "Times the leader seen by this node changed.", registry=registry
+            "tonle_raft_leader_changes_seen",
+            "Times the leader known to this node changed (the first leader counts).",
+            registry=registry,
         )
+        self.leader_last_contact = Gauge(
+            "tonle_raft_leader_last_contact_timestamp_seconds",
+            "Unix time this node last heard from the leader (now, on the leader); NaN until known.",
+            registry=registry,
+        )
+        # NaN, not 0: an unset gauge must not read as "heard from the leader at the epoch" nor as fresh.
+        self.leader_last_contact.set(float("nan"))
         self.term = Gauge("tonle_raft_term", "Current Raft term.", registry=registry)
         self.commit_index = Gauge("tonle_raft_commit_index", "Raft commit index known to this node.", registry=registry)
         self.applied_index = Gauge(
@@ -52,74 +91,104 @@ class NodeMetrics:
         )
         self.peer_round_trip = Histogram(
             "tonle_raft_peer_round_trip_seconds",
-            "Time from sending entries to a peer to its acknowledgement.",
+            "Time from sending entries to a peer to its acknowledgement." + _short_note,
             ["peer"],
             buckets=short_latency_buckets_seconds,
             registry=registry,
         )
         self.handshakes_refused = Counter(
-            "tonle_raft_handshakes_refused", "Raft connections refused during the handshake.", ["reason"], registry=registry
+            "tonle_raft_handshakes_refused",
+            "Raft connections refused during the handshake.",
+            ["reason"],
+            registry=registry,
         )
         self.frames_refused = Counter(
             "tonle_raft_frames_refused", "Raft frames refused after the handshake.", ["reason"], registry=registry
         )
         self.messages_dropped = Counter(
-            "tonle_raft_messages_dropped", "Raft messages dropped (not permitted or unsupported).", ["reason"], registry=registry
+            "tonle_raft_messages_dropped",
+            "Raft messages dropped (not permitted or unsupported).",
+            ["reason"],
+            registry=registry,
         )
         self.recovering = Gauge(
             "tonle_raft_recovering",
             "1 while this node refills a damaged journal and abstains from voting.",
             registry=registry,
         )
-        # Commit path ------------------------------------------------------------------------------------
-        self.proposer_queue = Gauge("tonle_proposer_queue_entries", "Verified entries waiting for a batch.", registry=registry)
+
+    def _define_commit_path(self, registry: CollectorRegistry) -> None:
+        self.proposer_queue = Gauge(
+            "tonle_proposer_queue_entries", "Verified entries waiting for a batch.", registry=registry
+        )
         self.proposals = Counter("tonle_proposals", "Batches proposed to Raft by this node.", registry=registry)
         self.proposals_failed = Counter(
-            "tonle_proposals_failed", "Proposals that Raft reported as not committed.", ["reason"], registry=registry
+            "tonle_proposals_failed",
+            "Proposals that Raft reported as not committed, by reason.",
+            ["reason"],
+            registry=registry,
         )
+        for reason in proposal_failure_reasons:
+            self.proposals_failed.labels(reason)
         self.proposals_pending = Gauge(
             "tonle_proposals_pending", "Batches proposed and not yet applied or failed.", registry=registry
         )
         self.queue_wait = Histogram(
             "tonle_commit_queue_wait_seconds",
-            "Time an entry waited in the proposer queue (per batch, oldest entry).",
+            "Time the oldest entry of a batch waited in the proposer queue (one observation per batch)." + _short_note,
             buckets=short_latency_buckets_seconds,
             registry=registry,
         )
         self.batch_build = Histogram(
-            "tonle_commit_batch_build_seconds", "Time to cut and encode a batch.", buckets=short_latency_buckets_seconds, registry=registry
+            "tonle_commit_batch_build_seconds",
+            "Time to cut and encode one batch." + _short_note,
+            buckets=short_latency_buckets_seconds,
+            registry=registry,
         )
         self.signature_verification = Histogram(
             "tonle_commit_signature_verification_seconds",
-            "Time to verify the signatures of one intake request or one prefetched batch.",
+            "Time to verify the signatures of one intake request or one prefetched batch." + _short_note,
             buckets=short_latency_buckets_seconds,
             registry=registry,
         )
         self.replication = Histogram(
             "tonle_commit_replication_seconds",
-            "Leader: time from proposing a batch to applying it (replication, fsyncs, commit).",
+            "Leader: time from proposing a batch to its commit callback (replication, fsyncs, apply).",
             buckets=latency_buckets_seconds,
             registry=registry,
         )
         self.fsync = Histogram(
-            "tonle_journal_fsync_seconds", "Duration of one journal fsync.", buckets=short_latency_buckets_seconds, registry=registry
+            "tonle_journal_fsync_seconds",
+            "Duration of one journal fsync." + _short_note,
+            buckets=short_latency_buckets_seconds,
+            registry=registry,
         )
         self.apply = Histogram(
-            "tonle_commit_apply_seconds", "Duration of applying one batch in one LMDB transaction.", buckets=short_latency_buckets_seconds, registry=registry
+            "tonle_commit_apply_seconds",
+            "Duration of applying one batch in one LMDB transaction." + _short_note,
+            buckets=short_latency_buckets_seconds,
+            registry=registry,
         )
         self.batch_entries = Histogram(
             "tonle_batch_entries", "Entries per applied batch.", buckets=batch_entry_buckets, registry=registry
         )
         self.entries_applied = Counter(
-            "tonle_entries_applied", "Entries applied, by result.", ["result"], registry=registry
+            "tonle_entries_applied",
+            "Entries applied, by result (ok or the rule that refused it).",
+            ["result"],
+            registry=registry,
         )
         self.entries_rejected = Counter(
-            "tonle_entries_rejected", "Entries refused on intake (never logged), by reason.", ["reason"], registry=registry
+            "tonle_entries_rejected",
+            "Entries refused on intake (never logged), by reason.",
+            ["reason"],
+            registry=registry,
         )
         self.signatures_verified = Counter(
             "tonle_signatures_verified", "Ed25519 verifications performed by this node.", registry=registry
         )
-        # State ----------------------------------------------------------------------------------------
+
+    def _define_state(self, registry: CollectorRegistry) -> None:
         self.state_divergence = Counter(
             "tonle_state_divergence",
             "Checkpoints from the leader whose state hash differed from this node's at the same index.",
@@ -130,8 +199,18 @@ class NodeMetrics:
         )
         self.storage_used = Gauge("tonle_storage_used_bytes", "Bytes used in the LMDB map.", registry=registry)
         self.storage_map_size = Gauge("tonle_storage_map_size_bytes", "Configured LMDB map size.", registry=registry)
-        # Client API -----------------------------------------------------------------------------------
+
+    def _define_api_and_health(self, registry: CollectorRegistry) -> None:
         self.api_requests = Counter(
-            "tonle_api_requests", "Client API requests, by operation and result.", ["operation", "result"], registry=registry
+            "tonle_api_requests",
+            "Client API requests, by operation and result.",
+            ["operation", "result"],
+            registry=registry,
         )
         self.api_connections = Gauge("tonle_api_connections", "Open client API connections.", registry=registry)
+        self.health_checks = Counter(
+            "tonle_health_checks",
+            "Readiness checks evaluated by /readyz, by check and result.",
+            ["check", "result"],
+            registry=registry,
+        )

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +80,8 @@ class _Events(RaftEvents):
         node = self._node
         node.metrics.apply.observe(apply_seconds)
         node.metrics.batch_entries.observe(len(batch.outcomes))
-        for outcome in batch.outcomes:
-            node.metrics.entries_applied.labels(outcome.result).inc()
+        for result, count in Counter(outcome.result for outcome in batch.outcomes).items():
+            node.metrics.entries_applied.labels(result).inc(count)
         node.metrics.applied_index.set(batch.index)
         node.loop.call_soon_threadsafe(node.on_applied, batch)
 
@@ -101,6 +101,11 @@ class _Events(RaftEvents):
 
     def role_changed(self, old_role: str, new_role: str) -> None:
         logger.info("raft role %s -> %s", old_role, new_role, extra={"event": "role_changed"})
+
+    def leader_changed(self, old_leader: str | None, new_leader: str | None, term: int) -> None:
+        if new_leader is not None:
+            self._node.metrics.leader_changes.inc()
+        logger.info("leader %s -> %s", old_leader, new_leader, extra={"event": "leader_changed", "term": term})
 
     def fatal(self, message: str) -> None:
         logger.critical("stopping the node: %s", message)
@@ -146,7 +151,6 @@ class LedgerNode:
         self._last_applied: AppliedBatch | None = None
         self._diverged = False
         self._forwarder: Forwarder | None = None
-        self._last_leader: str | None = None
         self._last_checkpoint_index = 0
         self._last_proposal_time = 0.0
         self._leaves_without_head = False
@@ -620,14 +624,23 @@ class LedgerNode:
     def readiness(self) -> tuple[bool, dict[str, tuple[bool, str]]]:
         """Named readiness checks, Kubernetes style: all must pass for /readyz to answer 200."""
         raft = self.raft.status
-        applied = self.metrics_applied_index()
+        try:
+            applied = self.store.summary().applied_index
+            storage = (True, f"open, applied index {applied}")
+        except Exception as error:  # noqa: BLE001 - any failure to read the store is the answer
+            applied = 0
+            storage = (False, f"cannot read the state: {error}")
+        leader_ok, leader_detail = raft.leader is not None, f"leader {raft.leader}" if raft.leader else "no leader known"
+        contact = raft.leader_last_contact_unix_seconds
+        silence = None if contact is None else time.time() - contact
+        if leader_ok and raft.role != "leader" and silence is not None and silence > self.config.raft.election_timeout_max_ms / 1000:
+            leader_ok, leader_detail = False, f"no contact with leader {raft.leader} for {silence:.1f} s"
+        lag = max(0, raft.commit_index - applied)
         checks = {
-            "storage": (True, "open"),
-            "leader": (raft.leader is not None, f"leader {raft.leader}" if raft.leader else "no leader known"),
-            "caught_up": (
-                raft.ready and applied >= raft.commit_index - apply_lag_entries_max,
-                f"applied {applied}, commit {raft.commit_index}",
-            ),
+            "storage": storage,
+            "leader": (leader_ok, leader_detail),
+            "caught_up": (raft.ready, "caught up with the leader's log" if raft.ready else "still replaying the log"),
+            "apply_lag": (lag <= apply_lag_entries_max, f"applied {applied}, commit {raft.commit_index}, lag {lag}"),
             "not_diverged": (not self._diverged, "state hash matches the leader's checkpoints" if not self._diverged else "state diverged"),
         }
         return all(ok for ok, _ in checks.values()), checks
@@ -639,11 +652,9 @@ class LedgerNode:
         raft = self.raft.status
         metrics = self.metrics
         metrics.is_leader.set(1 if raft.role == "leader" else 0)
-        metrics.has_leader.set(1 if raft.leader else 0)
-        if raft.leader != self._last_leader:
-            if raft.leader is not None:
-                metrics.leader_changes.inc()
-            self._last_leader = raft.leader
+        metrics.has_leader.set(1 if self.readiness()[1]["leader"][0] else 0)
+        contact = raft.leader_last_contact_unix_seconds
+        metrics.leader_last_contact.set(contact if contact is not None else float("nan"))
         metrics.term.set(raft.term)
         metrics.commit_index.set(raft.commit_index)
         metrics.last_log_index.set(raft.last_log_index)

@@ -14,7 +14,6 @@ from storage.records import (
     balance_at,
     get_account,
     get_alias,
-    get_balance,
     get_institution,
     get_pending,
     get_transfer,
@@ -104,7 +103,7 @@ def balance(transaction: StateTransaction, account_name: str, as_of_index: int |
         "institution": account.institution,
         "kind": str(account.kind),
         "tier": account.tier,
-        "flags": int(account.flags),
+        "flags": account.flags,
         "code": account.code,
         "user_data": account.user_data,
         "closed": account.closed,
@@ -112,7 +111,7 @@ def balance(transaction: StateTransaction, account_name: str, as_of_index: int |
         "applied_index": transaction.applied_index(),
     }
     if as_of_index is None or as_of_index >= transaction.applied_index():
-        return {**document, **_balance_fields(get_balance(transaction, account.number))}
+        return {**document, **_balance_fields(account.balance)}
     if as_of_index < account.opened_index:
         return None
     cluster_time_ms = time_of_index(transaction, as_of_index)
@@ -194,10 +193,10 @@ def totals(transaction: StateTransaction) -> dict[str, dict[str, int]]:
     """
     result = {currency.code: {"issued": 0, "held": 0, "net": 0} for currency in list_currencies(transaction)}
     for account in list_accounts(transaction):
-        net = get_balance(transaction, account.number).net
+        net = account.balance.net
         row = result.setdefault(account.currency, {"issued": 0, "held": 0, "net": 0})
         row["net"] += net
-        if account.kind is AccountKind.ISSUANCE:
+        if account.kind == AccountKind.ISSUANCE:
             row["issued"] -= net
         else:
             row["held"] += net

@@ -61,11 +61,9 @@ from storage.records import (
     expiry_key,
     get_account,
     get_alias,
-    get_balance,
     get_currency,
     get_institution,
     get_node,
-    get_outflow,
     get_pending,
     get_transfer,
     issuance_account,
@@ -73,18 +71,17 @@ from storage.records import (
     list_currencies,
     list_institutions,
     list_nodes,
+    outflow_on,
     phnom_penh_day,
     put_account,
     put_alias,
     put_archived_batch,
-    put_balance,
     put_batch_time,
     put_currency,
     put_head,
     put_history,
     put_institution,
     put_node,
-    put_outflow,
     put_pending,
     put_reference,
     put_transfer,
@@ -110,6 +107,16 @@ head_window_ms = 500
 # pysyncobj starts every log with a no-op at index 1 that it never applies (raftLastApplied starts at 1),
 # so the first index any node applies is 2. Index 1 is "applied" by the genesis itself.
 genesis_applied_index = 1
+
+# Flag bits as plain ints: enum operations cost microseconds, and the apply tests them per transfer.
+_linked = int(TransferFlags.LINKED)
+_pending = int(TransferFlags.PENDING)
+_post_pending = int(TransferFlags.POST_PENDING)
+_void_pending = int(TransferFlags.VOID_PENDING)
+_balancing_debit = int(TransferFlags.BALANCING_DEBIT)
+_balancing_credit = int(TransferFlags.BALANCING_CREDIT)
+_debits_limited = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+_credits_limited = int(AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
 
 # Results of entries that cannot be attributed to their claimed signer: returned, but never recorded
 # under the entry's id, so nobody can squat on another institution's ids with a forged entry.
@@ -189,16 +196,15 @@ def _open(
     flags: AccountFlags, tier: str, opened_index: int, code: int = 0, user_data: bytes = b"",
 ) -> None:
     number = transaction.take_account_number()
-    account = AccountRecord(name, number, currency, institution, kind, flags, code, user_data, tier, AccountStatus.OPEN, opened_index)
+    account = AccountRecord(name, number, currency, institution, str(kind), int(flags), code, user_data, tier, int(AccountStatus.OPEN), opened_index)
     put_account(transaction, account)
-    put_balance(transaction, number, Balance())
 
 
 # Batches -----------------------------------------------------------------------------------------------
 
 
 def apply_batch(
-    transaction: StateTransaction, index: int, batch_bytes: bytes, verify: Verify, cluster_id: str
+    transaction: StateTransaction, index: int, batch_bytes: bytes, verify: Verify, cluster_id: str, *, receipts: bool = True
 ) -> AppliedBatch | None:
     """Apply the Raft entry at `index`. Returns None when it was applied before (a replay changes nothing).
 
@@ -219,9 +225,10 @@ def apply_batch(
     # Cluster time only moves forward, whatever the clock of a new leader says.
     previous_time_ms = transaction.cluster_time_ms()
     cluster_time_ms = max(previous_time_ms, batch.proposer_time_ms)
-    context = _Context(transaction, index, cluster_time_ms, cluster_id, verify)
+    context = _Context(transaction, index, cluster_time_ms, cluster_id, verify, receipts)
     expired = context.expire_pending()
     outcomes = context.apply_entries(batch.entries)
+    context.finish()
     put_batch_time(transaction, index, cluster_time_ms)
     transaction.set_cluster_time_ms(cluster_time_ms)
     transaction.set_applied_index(index)
@@ -264,14 +271,27 @@ class _Decoded:
 class _Context:
     """The state one batch is applied against."""
 
-    def __init__(self, transaction: StateTransaction, index: int, cluster_time_ms: int, cluster_id: str, verify: Verify) -> None:
+    def __init__(
+        self, transaction: StateTransaction, index: int, cluster_time_ms: int, cluster_id: str, verify: Verify, receipts: bool
+    ) -> None:
         self.transaction = transaction
         self.index = index
         self.cluster_time_ms = cluster_time_ms
         self.day = phnom_penh_day(cluster_time_ms)
         self.cluster_id = cluster_id
         self.verify = verify
+        # Nodes always extend the receipt tree; `tonle bench` applies without it to measure what it costs.
+        self.receipts = receipts
         self.event_number = 0
+        # Read once per batch and written once at its end (`finish`); a chain that aborts restores it.
+        self.tree_size = tree.tree_size(transaction)
+        self.tree_size_at_start = self.tree_size
+        # Signers repeat within a batch; forgotten whenever an entry might change an institution.
+        self.institutions: dict[str, InstitutionRecord | None] = {}
+
+    def finish(self) -> None:
+        if self.tree_size != self.tree_size_at_start:
+            tree.write_size(self.transaction, self.tree_size)
 
     # Entries and linked chains ------------------------------------------------------------------------
 
@@ -280,7 +300,7 @@ class _Context:
         chain: list[tuple[int, bytes]] = []
         for position, raw in enumerate(raws):
             decoded = self._decode(raw)
-            linked = isinstance(decoded, _Decoded) and isinstance(decoded.body, Transfer) and TransferFlags.LINKED in TransferFlags(decoded.body.flags)
+            linked = isinstance(decoded, _Decoded) and isinstance(decoded.body, Transfer) and bool(decoded.body.flags & _linked)
             if chain or linked:
                 chain.append((position, raw))
                 if not linked:
@@ -305,7 +325,11 @@ class _Context:
             raise _Rejected("wrong_network")
         if not self.verify(decoded.entry):
             raise _Rejected("signature_invalid")
-        signer = get_institution(self.transaction, decoded.entry.signer)
+        signer_id = decoded.entry.signer
+        if signer_id in self.institutions:
+            signer = self.institutions[signer_id]
+        else:
+            signer = self.institutions[signer_id] = get_institution(self.transaction, signer_id)
         if signer is None:
             raise _Rejected("signer_not_found")
         key = signer.key(decoded.entry.public_key)
@@ -328,6 +352,7 @@ class _Context:
             result = self._control(decoded)
         except _Rejected as rejected:
             result = rejected.result
+        self.institutions.clear()  # an admitted, suspended or re-keyed institution must be read afresh
         return EntryOutcome(decoded.key, result)
 
     def _apply_chain(self, raws: list[bytes], closed: bool) -> list[EntryOutcome]:
@@ -339,7 +364,7 @@ class _Context:
         outcomes: list[EntryOutcome] = []
         failed_at: int | None = None
         if closed:
-            event_number = self.event_number
+            event_number, tree_size = self.event_number, self.tree_size
             outer, nested = self.transaction, self.transaction.nested()
             self.transaction = nested
             try:
@@ -357,7 +382,8 @@ class _Context:
                 nested.commit()
                 return outcomes
             nested.abort()
-            self.event_number = event_number
+            self.event_number, self.tree_size = event_number, tree_size
+            self.institutions.clear()
         final = []
         for position, member in enumerate(members):
             if position == failed_at:
@@ -386,9 +412,12 @@ class _Context:
     def _record(self, decoded: _Decoded, result: str, amount: int) -> None:
         """Pin an id's outcome, index its references, and add it to the receipt tree as one leaf."""
         body = decoded.body
-        leaf_index = tree.append_leaf(
-            self.transaction, encode_leaf_data(decoded.entry.raw, result, self.index, self.cluster_time_ms)
-        )
+        leaf_index = self.tree_size
+        if self.receipts:
+            tree.append_leaf_at(
+                self.transaction, encode_leaf_data(decoded.entry.raw, result, self.index, self.cluster_time_ms), leaf_index
+            )
+            self.tree_size += 1
         record = TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount, leaf_index)
         put_transfer(self.transaction, body.id, record)  # type: ignore[union-attr]
         if isinstance(body, Transfer) and body.reference:
@@ -438,9 +467,9 @@ class _Context:
         return account
 
     def _transfer(self, body: Transfer, signer: InstitutionRecord, previous_leg: int | None) -> int:
-        flags = TransferFlags(body.flags)
-        if TransferFlags.POST_PENDING in flags or TransferFlags.VOID_PENDING in flags:
-            return self._resolve_pending(body, signer, post=TransferFlags.POST_PENDING in flags)
+        flags = body.flags
+        if flags & (_post_pending | _void_pending):
+            return self._resolve_pending(body, signer, post=bool(flags & _post_pending))
         debit = self._resolve(body.debit_account, "debit")
         credit = self._resolve(body.credit_account, "credit")
         if debit.name == credit.name:
@@ -462,10 +491,10 @@ class _Context:
                 raise _Rejected("exchange_rate_requires_previous_leg")
             if amount != previous_leg * body.rate_numerator // body.rate_denominator:
                 raise _Rejected("exchange_amount_mismatch")
-        debit_balance = get_balance(self.transaction, debit.number)
-        credit_balance = get_balance(self.transaction, credit.number)
+        debit_balance = debit.balance
+        credit_balance = credit.balance
         amount = _balanced(amount, flags, debit, debit_balance, credit, credit_balance)
-        pending = TransferFlags.PENDING in flags
+        pending = bool(flags & _pending)
         expires_at_ms = 0
         if pending and body.timeout_seconds:
             expires_at_ms = self.cluster_time_ms + body.timeout_seconds * 1000
@@ -475,8 +504,10 @@ class _Context:
         _check_limits(debit, debit_balance, credit, credit_balance, amount)
         self._check_daily_limit(debit, amount)
         if pending:
-            new_debit = replace(debit_balance, debits_pending=debit_balance.debits_pending + amount)
-            new_credit = replace(credit_balance, credits_pending=credit_balance.credits_pending + amount)
+            new_debit = Balance(debit_balance.debits_posted, debit_balance.credits_posted,
+                                debit_balance.debits_pending + amount, debit_balance.credits_pending)
+            new_credit = Balance(credit_balance.debits_posted, credit_balance.credits_posted,
+                                 credit_balance.debits_pending, credit_balance.credits_pending + amount)
             put_pending(
                 self.transaction,
                 body.id,
@@ -486,11 +517,12 @@ class _Context:
                 self.transaction.put("expiry", expiry_key(expires_at_ms, body.id), b"")
             event = "pending"
         else:
-            new_debit = replace(debit_balance, debits_posted=debit_balance.debits_posted + amount)
-            new_credit = replace(credit_balance, credits_posted=credit_balance.credits_posted + amount)
+            new_debit = Balance(debit_balance.debits_posted + amount, debit_balance.credits_posted,
+                                debit_balance.debits_pending, debit_balance.credits_pending)
+            new_credit = Balance(credit_balance.debits_posted, credit_balance.credits_posted + amount,
+                                 credit_balance.debits_pending, credit_balance.credits_pending)
             event = "transfer"
-        self._count_outflow(debit, amount)
-        self._move(debit, new_debit, credit, new_credit, body.id, amount, event)
+        self._move(debit, new_debit, credit, new_credit, body.id, amount, event, outflow=self._outflow_after(debit, amount))
         return amount
 
     def _require_usable(self, account: AccountRecord, side: str) -> None:
@@ -501,24 +533,29 @@ class _Context:
 
     def _check_daily_limit(self, debit: AccountRecord, amount: int) -> None:
         limit = kyc_daily_outflow_limits.get(debit.tier, {}).get(debit.currency)
-        if limit is not None and get_outflow(self.transaction, debit.number, self.day) + amount > limit:
+        if limit is not None and outflow_on(debit, self.day) + amount > limit:
             raise _Rejected("exceeds_daily_limit")
 
-    def _count_outflow(self, debit: AccountRecord, amount: int, day: int | None = None, release: bool = False) -> None:
+    def _outflow_after(self, debit: AccountRecord, amount: int, day: int | None = None, release: bool = False) -> tuple[int, int]:
+        """The debit account's (day, outflow) after debiting (or releasing) `amount` counted on `day`."""
+        unchanged = (debit.outflow_day, debit.outflow)
         if debit.currency not in kyc_daily_outflow_limits.get(debit.tier, {}) or amount == 0:
-            return
+            return unchanged
         day = self.day if day is None else day
-        if release and day != self.day:
-            return  # a reservation made on an earlier day no longer counts against today
-        current = get_outflow(self.transaction, debit.number, day)
-        put_outflow(self.transaction, debit.number, day, max(0, current - amount) if release else current + amount)
+        if release:
+            # A reservation made on an earlier day no longer counts against today: nothing to give back.
+            if day != self.day or debit.outflow_day != day:
+                return unchanged
+            return day, max(0, debit.outflow - amount)
+        return day, outflow_on(debit, day) + amount
 
     def _move(
         self, debit: AccountRecord, new_debit: Balance, credit: AccountRecord, new_credit: Balance,
-        transfer_id: bytes, amount: int, event: str,
+        transfer_id: bytes, amount: int, event: str, outflow: tuple[int, int] | None = None,
     ) -> None:
-        put_balance(self.transaction, debit.number, new_debit)
-        put_balance(self.transaction, credit.number, new_credit)
+        outflow_day, outflow_amount = outflow if outflow is not None else (debit.outflow_day, debit.outflow)
+        put_account(self.transaction, debit.moved(new_debit, outflow_day, outflow_amount))
+        put_account(self.transaction, credit.moved(new_credit, credit.outflow_day, credit.outflow))
         self._history(debit.number, event, transfer_id, -amount, new_debit)
         self._history(credit.number, event, transfer_id, amount, new_credit)
 
@@ -558,8 +595,8 @@ class _Context:
         if post:
             self._require_usable(debit, "debit")
             self._require_usable(credit, "credit")
-        debit_balance = get_balance(self.transaction, debit.number)
-        credit_balance = get_balance(self.transaction, credit.number)
+        debit_balance = debit.balance
+        credit_balance = credit.balance
         posted = amount if post else 0
         if debit_balance.debits_posted + posted > balance_counter_max:
             raise _Rejected("overflows_debits_posted")
@@ -574,8 +611,8 @@ class _Context:
             credit_balance.debits_pending, credit_balance.credits_pending - pending.amount,
         )
         self._finish_pending(body.pending_id, pending, PendingState.POSTED if post else PendingState.VOIDED, posted)
-        self._count_outflow(debit, pending.amount - posted, pending.created_day, release=True)
-        self._move(debit, new_debit, credit, new_credit, body.pending_id, posted, "post" if post else "void")
+        released = self._outflow_after(debit, pending.amount - posted, pending.created_day, release=True)
+        self._move(debit, new_debit, credit, new_credit, body.pending_id, posted, "post" if post else "void", outflow=released)
         return posted
 
     def _finish_pending(self, transfer_id: bytes, pending: PendingRecord, state: PendingState, posted: int) -> None:
@@ -600,13 +637,13 @@ class _Context:
                 continue
             debit = self._stored_account(pending.debit_account)
             credit = self._stored_account(pending.credit_account)
-            debit_balance = get_balance(self.transaction, debit.number)
-            credit_balance = get_balance(self.transaction, credit.number)
+            debit_balance = debit.balance
+            credit_balance = credit.balance
             new_debit = replace(debit_balance, debits_pending=debit_balance.debits_pending - pending.amount)
             new_credit = replace(credit_balance, credits_pending=credit_balance.credits_pending - pending.amount)
             put_pending(self.transaction, transfer_id, replace(pending, state=PendingState.EXPIRED, resolved_index=self.index))
-            self._count_outflow(debit, pending.amount, pending.created_day, release=True)
-            self._move(debit, new_debit, credit, new_credit, transfer_id, 0, "expire")
+            released = self._outflow_after(debit, pending.amount, pending.created_day, release=True)
+            self._move(debit, new_debit, credit, new_credit, transfer_id, 0, "expire", outflow=released)
             expired.append(transfer_id)
         return tuple(expired)
 
@@ -614,7 +651,7 @@ class _Context:
         if signer.role != str(Role.CENTRAL_BANK):
             raise _Rejected("signer_must_be_central_bank")
         credit = self._resolve(body.credit_account, "credit")
-        if credit.kind is not AccountKind.SETTLEMENT:
+        if credit.kind != AccountKind.SETTLEMENT:
             raise _Rejected("credit_account_must_be_settlement")
         if body.currency != credit.currency:
             raise _Rejected("transfer_must_have_the_same_currency_as_accounts")
@@ -628,7 +665,7 @@ class _Context:
         if signer.role != str(Role.CENTRAL_BANK):
             raise _Rejected("signer_must_be_central_bank")
         debit = self._resolve(body.debit_account, "debit")
-        if debit.kind is not AccountKind.SETTLEMENT:
+        if debit.kind != AccountKind.SETTLEMENT:
             raise _Rejected("debit_account_must_be_settlement")
         if body.currency != debit.currency:
             raise _Rejected("transfer_must_have_the_same_currency_as_accounts")
@@ -638,8 +675,8 @@ class _Context:
         return self._post_plain(debit, credit, body.id, body.amount, "redeem")
 
     def _post_plain(self, debit: AccountRecord, credit: AccountRecord, transfer_id: bytes, amount: int, event: str) -> int:
-        debit_balance = get_balance(self.transaction, debit.number)
-        credit_balance = get_balance(self.transaction, credit.number)
+        debit_balance = debit.balance
+        credit_balance = credit.balance
         _check_overflows(debit_balance, credit_balance, amount, pending=False)
         _check_limits(debit, debit_balance, credit, credit_balance, amount)
         new_debit = replace(debit_balance, debits_posted=debit_balance.debits_posted + amount)
@@ -661,7 +698,7 @@ class _Context:
             account = self._owned(body.account, signer)
             if account.closed:
                 return "account_already_closed"
-            balance = get_balance(self.transaction, account.number)
+            balance = account.balance
             if balance.net != 0 or balance.debits_pending or balance.credits_pending:
                 return "account_balance_not_zero"
             if aliases_of(self.transaction, account.name):
@@ -749,8 +786,8 @@ class _Context:
         owner = body.account.rpartition("@")[2]
         if existing is not None:
             same = (
-                existing.currency == body.currency and existing.institution == owner and existing.kind is AccountKind.CUSTOMER
-                and int(existing.flags) == body.flags and existing.code == body.code and existing.user_data == body.user_data
+                existing.currency == body.currency and existing.institution == owner and existing.kind == AccountKind.CUSTOMER
+                and existing.flags == body.flags and existing.code == body.code and existing.user_data == body.user_data
             )
             return EXISTS if same else EXISTS_WITH_DIFFERENT_FIELDS
         self._require_active(signer)
@@ -801,13 +838,13 @@ class _Context:
         return OK
 
 
-def _balanced(amount: int, flags: TransferFlags, debit: AccountRecord, debit_balance: Balance,
+def _balanced(amount: int, flags: int, debit: AccountRecord, debit_balance: Balance,
               credit: AccountRecord, credit_balance: Balance) -> int:
     """A balancing transfer moves at most `amount`: as much as the limits of its accounts allow."""
-    if TransferFlags.BALANCING_DEBIT in flags and AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS in debit.flags:
+    if flags & _balancing_debit and debit.flags & _debits_limited:
         available = debit_balance.credits_posted - debit_balance.debits_posted - debit_balance.debits_pending
         amount = max(0, min(amount, available))
-    if TransferFlags.BALANCING_CREDIT in flags and AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS in credit.flags:
+    if flags & _balancing_credit and credit.flags & _credits_limited:
         available = credit_balance.debits_posted - credit_balance.credits_posted - credit_balance.credits_pending
         amount = max(0, min(amount, available))
     return amount
@@ -826,10 +863,10 @@ def _check_overflows(debit_balance: Balance, credit_balance: Balance, amount: in
 
 
 def _check_limits(debit: AccountRecord, debit_balance: Balance, credit: AccountRecord, credit_balance: Balance, amount: int) -> None:
-    if AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS in debit.flags:
+    if debit.flags & _debits_limited:
         if debit_balance.debits_pending + debit_balance.debits_posted + amount > debit_balance.credits_posted:
             raise _Rejected("exceeds_credits")
-    if AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS in credit.flags:
+    if credit.flags & _credits_limited:
         if credit_balance.credits_pending + credit_balance.credits_posted + amount > credit_balance.debits_posted:
             raise _Rejected("exceeds_debits")
 

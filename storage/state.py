@@ -19,13 +19,11 @@ _state_database_names = (
     "institutions",
     "nodes",
     "accounts",
-    "balances",
     "transfers",
     "pending",
     "expiry",
     "aliases",
     "history",
-    "outflow",
     "references",
     "batch_times",
     "tree",
@@ -61,38 +59,49 @@ class StorageCorrupted(RuntimeError):
     """A stored record failed its checksum or the layout is not what this version wrote. Fatal."""
 
 
-def _value_checksum(database: bytes, key: bytes, payload: bytes) -> bytes:
-    digest = hashlib.blake2b(digest_size=value_checksum_bytes, person=b"tonle-value-v1")
-    digest.update(len(database).to_bytes(1, "big"))
-    digest.update(database)
-    digest.update(len(key).to_bytes(2, "big"))
-    digest.update(key)
-    digest.update(payload)
-    return digest.digest()
+def _record_digest(prefix: bytes, key: bytes, payload: bytes) -> bytes:
+    """One BLAKE2b over a record names it in the state hash and, cut short, seals it on disk.
+
+    `prefix` is the database's length-prefixed name; the key is length-prefixed too, so no record of one
+    database or key can hash like another's. One hash per read or write: the apply writes several records
+    per transfer, and this is most of what a write costs.
+    """
+    return hashlib.blake2b(
+        prefix + len(key).to_bytes(2, "big") + key + payload, digest_size=state_hash_bytes, person=b"tonle-record-v1"
+    ).digest()
+
+
+def _database_prefix(name: str) -> bytes:
+    encoded = name.encode()
+    return len(encoded).to_bytes(1, "big") + encoded
+
+
+_prefixes = {name: _database_prefix(name) for name in _database_names}
 
 
 def _record_hash(database: bytes, key: bytes, payload: bytes) -> int:
-    digest = hashlib.blake2b(digest_size=state_hash_bytes, person=b"tonle-record-v1")
-    digest.update(len(database).to_bytes(1, "big"))
-    digest.update(database)
-    digest.update(len(key).to_bytes(2, "big"))
-    digest.update(key)
-    digest.update(payload)
-    return int.from_bytes(digest.digest(), "big")
+    return int.from_bytes(_record_digest(len(database).to_bytes(1, "big") + database, key, payload), "big")
 
 
 def _seal(database: bytes, key: bytes, payload: bytes) -> bytes:
-    return payload + _value_checksum(database, key, payload)
+    digest = _record_digest(len(database).to_bytes(1, "big") + database, key, payload)
+    return payload + digest[:value_checksum_bytes]
+
+
+def _unseal(prefix: bytes, key: bytes, stored: bytes) -> tuple[bytes, bytes]:
+    """(payload, full digest) of a stored record, or StorageCorrupted if its seal does not match."""
+    payload = stored[:-value_checksum_bytes]
+    digest = _record_digest(prefix, key, payload)
+    if len(stored) < value_checksum_bytes or digest[:value_checksum_bytes] != stored[-value_checksum_bytes:]:
+        raise StorageCorrupted(
+            f"record {prefix[1:].decode()}/{key.hex()} fails its checksum: the data file is damaged; "
+            "stop this node and restore it from a healthy peer"
+        )
+    return payload, digest
 
 
 def _open(database: bytes, key: bytes, stored: bytes) -> bytes:
-    payload = stored[:-value_checksum_bytes]
-    if len(stored) < value_checksum_bytes or _value_checksum(database, key, payload) != stored[-value_checksum_bytes:]:
-        raise StorageCorrupted(
-            f"record {database.decode()}/{key.hex()} fails its checksum: the data file is damaged; "
-            "stop this node and restore it from a healthy peer"
-        )
-    return payload
+    return _unseal(len(database).to_bytes(1, "big") + database, key, stored)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +183,10 @@ class StateTransaction:
         self._parent = parent
         self._state_hash: int | None = None if parent is None else parent._current_state_hash()
         self._state_hash_changed = False
+        # Record hashes this transaction has computed (reads verify them, writes need the old one), so a
+        # read-modify-write of a record hashes it twice, not four times. A child starts empty and hands its
+        # entries up when it commits; an aborted child's are dropped with it.
+        self._known: dict[tuple[str, bytes], int] = {}
 
     def nested(self) -> StateTransaction:
         """A child write transaction: committing it folds its writes (and state hash) into this one,
@@ -194,6 +207,7 @@ class StateTransaction:
     def commit(self) -> None:
         if self._parent is not None:
             self._transaction.commit()
+            self._parent._known.update(self._known)
             if self._state_hash_changed:
                 self._parent._state_hash = self._state_hash
                 self._parent._state_hash_changed = True
@@ -211,32 +225,49 @@ class StateTransaction:
         stored = self._transaction.get(key, db=self._databases[database])
         if stored is None:
             return None
-        return _open(database.encode(), key, stored)
+        payload, digest = _unseal(_prefixes[database], key, stored)
+        self._known[(database, key)] = int.from_bytes(digest, "big")
+        return payload
+
+    def _old_hash(self, database: str, key: bytes) -> int:
+        known = self._known.get((database, key))
+        if known is not None:
+            return known
+        stored = self._transaction.get(key, db=self._databases[database])
+        if stored is None:
+            return 0
+        return int.from_bytes(_unseal(_prefixes[database], key, stored)[1], "big")
 
     def put(self, database: str, key: bytes, payload: bytes) -> None:
         """Write a state record and move the state hash from its old value to its new one."""
-        name = database.encode()
-        handle = self._databases[database]
-        old = self._transaction.get(key, db=handle)
-        state_hash = self._current_state_hash()
-        if old is not None:
-            state_hash -= _record_hash(name, key, _open(name, key, old))
-        state_hash += _record_hash(name, key, payload)
-        self._state_hash = state_hash % state_hash_modulus
+        old = self._old_hash(database, key)
+        digest = _record_digest(_prefixes[database], key, payload)
+        new = int.from_bytes(digest, "big")
+        self._known[(database, key)] = new
+        self._state_hash = (self._current_state_hash() - old + new) % state_hash_modulus
         self._state_hash_changed = True
-        self._transaction.put(key, _seal(name, key, payload), db=handle)
+        self._transaction.put(key, payload + digest[:value_checksum_bytes], db=self._databases[database])
+
+    def insert(self, database: str, key: bytes, payload: bytes) -> None:
+        """`put` for a record the caller expects to be new (history, a transfer's first outcome, a tree
+        node): skips reading an old value, and falls back to `put` if there was one after all."""
+        digest = _record_digest(_prefixes[database], key, payload)
+        if not self._transaction.put(key, payload + digest[:value_checksum_bytes], db=self._databases[database], overwrite=False):
+            self.put(database, key, payload)
+            return
+        new = int.from_bytes(digest, "big")
+        self._known[(database, key)] = new
+        self._state_hash = (self._current_state_hash() + new) % state_hash_modulus
+        self._state_hash_changed = True
 
     def delete(self, database: str, key: bytes) -> bool:
         """Remove a state record, taking its contribution out of the state hash."""
-        name = database.encode()
-        handle = self._databases[database]
-        old = self._transaction.get(key, db=handle)
-        if old is None:
+        old = self._old_hash(database, key)
+        if not self._transaction.delete(key, db=self._databases[database]):
             return False
-        state_hash = self._current_state_hash() - _record_hash(name, key, _open(name, key, old))
-        self._state_hash = state_hash % state_hash_modulus
+        self._known.pop((database, key), None)
+        self._state_hash = (self._current_state_hash() - old) % state_hash_modulus
         self._state_hash_changed = True
-        self._transaction.delete(key, db=handle)
         return True
 
     def items(self, database: str, prefix: bytes = b"", start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:

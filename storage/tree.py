@@ -38,12 +38,31 @@ class _TransactionSubtrees:
 
 def append_leaf(transaction: StateTransaction, leaf_data: bytes) -> int:
     """Add a leaf and return its index: one size write, one leaf write and one per completed parent."""
-    created = merkle.appended_subtrees(_TransactionSubtrees(transaction), merkle.leaf_hash(leaf_data))
-    for level, index, value in created:
-        transaction.put(_database, _node_key.pack(level, index), value)
-    _, leaf_index, _ = created[0]
-    transaction.put(_database, _size_key, _u64.pack(leaf_index + 1))
+    leaf_index = append_leaf_at(transaction, leaf_data, tree_size(transaction))
+    write_size(transaction, leaf_index + 1)
     return leaf_index
+
+
+class _KnownSize(_TransactionSubtrees):
+    def __init__(self, transaction: StateTransaction, size: int) -> None:
+        super().__init__(transaction)
+        self._size = size
+
+    def tree_size(self) -> int:
+        return self._size
+
+
+def append_leaf_at(transaction: StateTransaction, leaf_data: bytes, size: int) -> int:
+    """Add a leaf to a tree the caller knows has `size` leaves, without writing the size: the apply adds
+    many leaves per batch and writes the size once (`write_size`), saving a read and a write per leaf."""
+    created = merkle.appended_subtrees(_KnownSize(transaction, size), merkle.leaf_hash(leaf_data))
+    for level, index, value in created:
+        transaction.insert(_database, _node_key.pack(level, index), value)
+    return created[0][1]
+
+
+def write_size(transaction: StateTransaction, size: int) -> None:
+    transaction.put(_database, _size_key, _u64.pack(size))
 
 
 def tree_size(transaction: StateTransaction) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class RaftStatus:
     match_index: tuple[tuple[str, int], ...]
     recovering_until_index: int
     ready: bool
+    # Wall time of the last append_entries (heartbeats included) from the leader, or now on the leader:
+    # a replica that stops hearing from its leader must stop calling itself ready.
+    leader_last_contact_unix_seconds: float | None = None
 
 
 class RaftEvents:
@@ -70,6 +74,8 @@ class RaftEvents:
     def applied(self, batch: AppliedBatch, apply_seconds: float) -> None: ...
 
     def role_changed(self, old_role: str, new_role: str) -> None: ...
+
+    def leader_changed(self, old_leader: str | None, new_leader: str | None, term: int) -> None: ...
 
     def prefetch(self, batch_bytes: bytes) -> None: ...
 
@@ -133,6 +139,7 @@ class _LedgerSyncObj(SyncObj):
             # A node that lost acknowledged log entries must not help elect a leader that lacks them.
             return
         if message_type == "append_entries":
+            self._owner._leader_contact = time.time()
             for command, _index, _term in message.get("entries", ()):
                 if command[:1] == command_type_regular:
                     self._owner._events.prefetch(command[1:])
@@ -183,6 +190,7 @@ class RaftNode:
         self._repair_damaged_snapshot()
         self._name_by_address = {str(v.raft_address): v.name for v in genesis.validators}
         self._status = RaftStatus("follower", 0, None, 0, 0, 0, False, (), (), 0, False)
+        self._leader_contact: float | None = None
         self._status_refreshed = 0.0
         self._apply_lock = threading.Lock()
 
@@ -314,10 +322,15 @@ class RaftNode:
                 connected.append(name)
             if f"match_idx_server_{address}" in status:
                 match.append((name, status[f"match_idx_server_{address}"]))
+        leader_name = None if leader is None else self._name_by_address.get(leader.id)
+        if leader_name != self._status.leader:
+            self._events.leader_changed(self._status.leader, leader_name, status["raft_term"])
+        contact = time.time() if role == "leader" else self._leader_contact
         self._status = RaftStatus(
+            leader_last_contact_unix_seconds=None if leader_name is None else contact,
             role=role,
             term=status["raft_term"],
-            leader=None if leader is None else self._name_by_address.get(leader.id),
+            leader=leader_name,
             commit_index=status["commit_idx"],
             last_log_index=self._journal.last_index,
             raft_applied_index=status["last_applied"],

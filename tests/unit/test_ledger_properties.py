@@ -25,7 +25,7 @@ from consensus.entries import (
     kyc_tiers,
 )
 from storage import queries
-from storage.records import AccountKind, get_balance, list_accounts
+from storage.records import AccountKind, list_accounts
 from tests.ledger_fixtures import Ledger, make_network, tid
 
 network = make_network((("aba", Role.BANK), ("acleda", Role.BANK)))
@@ -163,12 +163,12 @@ def check_invariants(ledger: Ledger, issued_model: dict[str, int]) -> None:
             assert totals[currency]["net"] == 0
             assert totals[currency]["held"] == totals[currency]["issued"] == issued_model[currency]
         for account in list_accounts(transaction):
-            balance = get_balance(transaction, account.number)
-            if AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS in account.flags:
+            balance = account.balance
+            if account.flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS:
                 assert balance.debits_posted + balance.debits_pending <= balance.credits_posted, account.name
-            if AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS in account.flags:
+            if account.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS:
                 assert balance.credits_posted + balance.credits_pending <= balance.debits_posted, account.name
-            assert account.kind is not AccountKind.ISSUANCE or balance.debits_pending == 0
+            assert account.kind != AccountKind.ISSUANCE or balance.debits_pending == 0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
