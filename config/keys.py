@@ -23,7 +23,12 @@ key_file_bytes_max = 2 * key_seed_bytes + 1  # hex seed and a newline
 def generate_key_file(path: Path) -> bytes:
     """Writes a new seed to `path` (mode 0600, never overwriting: FileExistsError); returns the public key."""
     signing_key = SigningKey.generate()
-    content = signing_key.encode().hex().encode("ascii") + b"\n"
+    write_secret_file(path, signing_key.encode().hex().encode("ascii") + b"\n")
+    return signing_key.verify_key.encode()
+
+
+def write_secret_file(path: Path, content: bytes) -> None:
+    """Writes a secret (a key seed, an API token) to a new file, mode 0600, durably; never overwrites."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, key_file_mode)
     try:
         with os.fdopen(descriptor, "wb") as file:
@@ -33,11 +38,10 @@ def generate_key_file(path: Path) -> bytes:
             file.flush()
             os.fsync(file.fileno())
     except BaseException:
-        # Never leave a half-written key behind: the next attempt would refuse to overwrite it.
+        # Never leave a half-written secret behind: the next attempt would refuse to overwrite it.
         path.unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
-    return signing_key.verify_key.encode()
 
 
 def load_signing_key(path: Path) -> SigningKey:

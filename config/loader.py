@@ -25,6 +25,7 @@ from config.schema import (
     JoinConfig,
     LogConfig,
     NodeConfig,
+    OpenApiConfig,
     NodeRole,
     NodeSpec,
     ProposerConfig,
@@ -228,7 +229,7 @@ class _TableReader:
 
 
 _genesis_keys = ("format_version", "cluster_id", "currencies", "institutions", "validators")
-_genesis_keys_optional = ("institution_nodes",)
+_genesis_keys_optional = ("institution_nodes", "cross_border_currency")
 _currency_keys = ("code", "decimals")
 _institution_keys = ("id", "name", "role", "public_key")
 _validator_keys = ("name", "raft_address", "client_address", "admin_address", "public_key")
@@ -250,6 +251,7 @@ def _read_genesis(path: Path, problems: list[ConfigProblem]) -> Genesis | None:
     validators = _nodes(reader, "validators", NodeRole.VALIDATOR)
     institution_nodes = _nodes(reader, "institution_nodes", NodeRole.INSTITUTION)
     _check_nodes(reader, institutions, institution_ids, validators + institution_nodes)
+    cross_border_currency = _cross_border_currency(reader, currencies)
     if len(problems) > problems_before or format_version is None or cluster_id is None:
         return None
     return Genesis(
@@ -259,7 +261,18 @@ def _read_genesis(path: Path, problems: list[ConfigProblem]) -> Genesis | None:
         institutions=tuple(institution for _, institution in institutions),
         validators=tuple(node for _, node in validators),
         institution_nodes=tuple(node for _, node in institution_nodes),
+        cross_border_currency=cross_border_currency,
     )
+
+
+def _cross_border_currency(reader: _TableReader, currencies: list[tuple[str, Currency]]) -> str:
+    """Optional: the currency customers pay foreign switches from (Bakong: KHR); one of the genesis currencies."""
+    code = reader.matching("cross_border_currency", schema.currency_code_pattern)
+    if code is None:
+        return ""
+    if code not in {currency.code for _, currency in currencies}:
+        reader.problem("cross_border_currency", f"{code} is not one of the genesis currencies")
+    return code
 
 
 def _format_version(reader: _TableReader) -> int | None:
@@ -477,6 +490,11 @@ _settings: dict[str, dict[str, _Setting]] = {
         "level": _Setting(str, schema.log_level_default, choices=schema.log_levels),
         "format": _Setting(str, schema.log_format_default, choices=schema.log_formats),
     },
+    # The Bakong-style Open API (node/open_api.py): off unless listen_address is set, which needs tokens_file.
+    "open_api": {
+        "listen_address": _Setting(str, ""),
+        "tokens_file": _Setting(Path, ""),
+    },
     # Only for an institution node admitted after genesis; all four keys or none.
     "join": {
         "institution": _Setting(str, ""),
@@ -595,6 +613,7 @@ def _check_node_values(values: _Values, file_source: str, problems: list[ConfigP
                 checked.values[(section_name, key)] = value.value
             checked.sources[(section_name, key)] = value.source
     _check_raft_relations(checked, problems)
+    _check_open_api(checked, problems)
     return checked
 
 
@@ -670,6 +689,19 @@ def _check_raft_relations(checked: _Checked, problems: list[ConfigProblem]) -> N
         )
 
 
+def _check_open_api(checked: _Checked, problems: list[ConfigProblem]) -> None:
+    listen_address = checked.values.get(("open_api", "listen_address"), "")
+    if not listen_address:
+        return
+    source = checked.sources[("open_api", "listen_address")]
+    try:
+        Address.parse(cast(str, listen_address))
+    except ValueError as error:
+        problems.append(ConfigProblem(source, "open_api.listen_address", str(error)))
+    if checked.values.get(("open_api", "tokens_file")) == "":
+        problems.append(ConfigProblem(source, "open_api.tokens_file", "required when open_api.listen_address is set"))
+
+
 def _load_named_genesis(checked: _Checked, problems: list[ConfigProblem]) -> Genesis | None:
     genesis_path = checked.values.get(("node", "genesis_file"))
     if not isinstance(genesis_path, Path):
@@ -717,4 +749,8 @@ def _node_config(checked: _Checked, source: Path) -> NodeConfig:
         log=LogConfig(**section("log")),
         source=source,
         join=JoinConfig(**section("join")),
+        open_api=OpenApiConfig(
+            listen_address=checked.values[("open_api", "listen_address")],
+            tokens_file=checked.values[("open_api", "tokens_file")] or None,
+        ),
     )

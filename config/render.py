@@ -41,6 +41,9 @@ def render_genesis(genesis: Genesis) -> str:
         lines += ["", "[[validators]]", *_node_lines(node)]
     for node in genesis.institution_nodes:
         lines += ["", "[[institution_nodes]]", *_node_lines(node)]
+    if genesis.cross_border_currency:
+        # A top-level key: it must come before the first table, so it is inserted after cluster_id.
+        lines.insert(2, f"cross_border_currency = {_string(genesis.cross_border_currency)}")
     return "\n".join(lines) + "\n"
 
 
@@ -67,6 +70,10 @@ def render_node_config(config: NodeConfig, relative_to: Path) -> str:
     if config.join.requested:
         lines += ["", "[join]"]
         lines += [f"{field.name} = {_value(getattr(config.join, field.name))}" for field in dataclasses.fields(config.join)]
+    if config.open_api.enabled:
+        lines += ["", "[open_api]", f"listen_address = {_string(config.open_api.listen_address)}"]
+        if config.open_api.tokens_file is not None:
+            lines.append(f"tokens_file = {_string(_relative_path(config.open_api.tokens_file, directory))}")
     return "\n".join(lines) + "\n"
 
 

@@ -118,6 +118,8 @@ class Role(StrEnum):
     BANK = "bank"
     MFI = "mfi"
     PSP = "psp"
+    # A foreign payment switch on a cross-border link (PromptPay, NAPAS, DuitNow...): settlement accounts only.
+    FOREIGN_SWITCH = "foreign_switch"
 
 
 class NodeRole(StrEnum):
@@ -216,6 +218,8 @@ class Genesis:
     institutions: tuple[Institution, ...]
     validators: tuple[NodeSpec, ...]
     institution_nodes: tuple[NodeSpec, ...]
+    # Bakong's riel policy: customers pay foreign switches only from accounts in this currency ("": no rule).
+    cross_border_currency: str = ""
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
@@ -261,6 +265,9 @@ class Genesis:
             "validators": [_node_document(node) for node in self.validators],
             "institution_nodes": [_node_document(node) for node in self.institution_nodes],
         }
+        # Only when set, so every genesis written before the rule existed keeps its digest.
+        if self.cross_border_currency:
+            document["cross_border_currency"] = self.cross_border_currency
         encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(genesis_digest_prefix + encoded.encode("ascii")).digest()
 
@@ -331,6 +338,18 @@ class JoinConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenApiConfig:
+    """The Bakong-style HTTP Open API (node/open_api.py): off while listen_address is empty."""
+
+    listen_address: str = ""
+    tokens_file: Path | None = None  # absolute, resolved; SHA-256 hashes of the bearer tokens
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen_address)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     genesis_file: Path  # absolute, resolved
@@ -343,3 +362,4 @@ class NodeConfig:
     log: LogConfig
     source: Path  # the node config file, absolute and resolved
     join: JoinConfig = JoinConfig()
+    open_api: OpenApiConfig = OpenApiConfig()

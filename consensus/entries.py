@@ -44,7 +44,7 @@ cluster_id_pattern = re.compile(r"[a-z0-9][a-z0-9-]{2,63}")
 reference_pattern = re.compile(r"[\x20-\x7e]{0,128}")
 address_pattern = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:[0-9]{1,5}")
 
-institution_roles = ("bank", "mfi", "psp")
+institution_roles = ("bank", "mfi", "psp", "foreign_switch")
 kyc_tiers = ("basic", "intermediate", "full", "bank", "unlimited")
 
 _signing_domain = b"tonle/entry/v1"

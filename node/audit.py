@@ -16,7 +16,7 @@ import msgpack
 from config.loader import load_genesis
 from config.schema import Genesis
 from consensus import merkle
-from consensus.codec import CodecError, pack, unpack
+from consensus.codec import CodecError, pack
 from consensus.entries import signature_is_valid
 from consensus.receipts import (
     HeadSignature,

@@ -12,8 +12,11 @@ from node.bench import add_bench_commands
 from node.cli_support import cluster_of, exit_code_failure, pick_node, positive, print_json
 from node.client import ClientError
 from node.cluster import ClusterError, LocalCluster
+from node.cross_border import add_cross_border_commands
 from node.khqr_cli import add_khqr_commands
 from node.ledger_commands import add_ledger_commands
+from node.open_api import add_open_api_commands
+from node.pay import add_pay_commands
 from node.monitoring import write_prometheus_config
 from node.receipt_cli import add_receipt_commands
 
@@ -184,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ledger_commands(commands)
     add_khqr_commands(commands)
     add_receipt_commands(commands)
+    add_pay_commands(commands)
+    add_cross_border_commands(commands)
+    add_open_api_commands(commands)
     add_audit_commands(commands)
     add_bench_commands(commands)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from config.keys import generate_key_file, load_signing_key
+from config.keys import generate_key_file, load_signing_key, write_secret_file
 from config.render import render_genesis, render_node_config
 from config.schema import (
     Address,
@@ -36,6 +36,7 @@ from config.schema import (
     NodeConfig,
     NodeRole,
     NodeSpec,
+    OpenApiConfig,
     ProposerConfig,
     RaftConfig,
     Role,
@@ -43,6 +44,7 @@ from config.schema import (
 )
 from consensus.entries import Body, Issue, OpenAccount, Transfer, sign_entry
 from node.client import Client, new_transfer_id
+from node.open_api import new_token, token_digest
 from storage.records import settlement_account
 
 # One deadline for every wait in the harness; each wait still fails loudly with the node logs.
@@ -98,6 +100,7 @@ class NodeProcess:
     client_address: str
     admin_address: str
     pid: int | None = None
+    open_api_address: str = ""
 
     def document(self) -> dict[str, Any]:
         return {
@@ -108,6 +111,7 @@ class NodeProcess:
             "raft_address": self.raft_address,
             "client_address": self.client_address,
             "admin_address": self.admin_address,
+            "open_api_address": self.open_api_address,
             "data_dir": str(self.data_dir),
             "config": str(self.config),
             "log": str(self.log),
@@ -154,6 +158,7 @@ class LocalCluster:
                 client_address=item["client_address"],
                 admin_address=item["admin_address"],
                 pid=item["pid"],
+                open_api_address=item.get("open_api_address", ""),
             )
             for item in description["nodes"]
         }
@@ -175,6 +180,7 @@ class LocalCluster:
         proposer: ProposerConfig | None = None,
         api: ApiConfig | None = None,
         log_format: str = "text",
+        cross_border_currency: str = "KHR",
     ) -> LocalCluster:
         """Write keys, genesis, node configs and cluster.json for a new network (nothing is started).
 
@@ -200,13 +206,15 @@ class LocalCluster:
         node_rows = [(f"v{number}", NodeRole.VALIDATOR, None) for number in range(1, validators + 1)]
         if institution_nodes:
             node_rows += [(f"{row[0]}-1", NodeRole.INSTITUTION, row[0]) for row in _institution_specs(institutions)]
-        ports = _free_ports(3 * len(node_rows))
+        ports = _free_ports(4 * len(node_rows))
         specs = []
+        open_api_ports: dict[str, int] = {}
         for position, (name, role, institution) in enumerate(node_rows):
             node_directory = directory / name
             node_directory.mkdir(exist_ok=True)
             public_key = generate_key_file(node_directory / "node.key")
-            raft_port, client_port, admin_port = ports[3 * position : 3 * position + 3]
+            raft_port, client_port, admin_port, open_api_port = ports[4 * position : 4 * position + 4]
+            open_api_ports[name] = open_api_port
             specs.append(
                 NodeSpec(
                     name=name,
@@ -225,9 +233,19 @@ class LocalCluster:
             institutions=tuple(institution_records),
             validators=tuple(spec for spec in specs if spec.role is NodeRole.VALIDATOR),
             institution_nodes=tuple(spec for spec in specs if spec.role is NodeRole.INSTITUTION),
+            cross_border_currency=cross_border_currency,
         )
         genesis_path = directory / "genesis.toml"
         genesis_path.write_text(render_genesis(genesis))
+        # Every node serves the Open API; each institution gets one bearer token, kept beside its key.
+        tokens_file = directory / "open-api-tokens.toml"
+        token_lines = []
+        for record in institution_records:
+            token = new_token()
+            token_file = keys_directory / f"{record.id}.open-api-token"
+            write_secret_file(token_file, token.encode("ascii") + b"\n")
+            token_lines.append(f'[[tokens]]\ninstitution = "{record.id}"\nsha256 = "{token_digest(token).hex()}"\n')
+        tokens_file.write_text("\n".join(token_lines))
 
         nodes = []
         for spec in specs:
@@ -242,6 +260,7 @@ class LocalCluster:
                 proposer=proposer or ProposerConfig(batch_bytes_max=49152, batch_delay_microseconds=1000, queue_entries_max=20000),
                 api=api or ApiConfig(frame_bytes_max=1 << 20, connections_max=512, request_timeout_ms=10000),
                 log=LogConfig(level="info", format=log_format),
+                open_api=OpenApiConfig(f"127.0.0.1:{open_api_ports[spec.name]}", tokens_file),
                 source=node_directory / "node.toml",
             )
             config_path = node_directory / "node.toml"
@@ -258,6 +277,7 @@ class LocalCluster:
                     raft_address=str(spec.raft_address),
                     client_address=str(spec.client_address),
                     admin_address=str(spec.admin_address),
+                    open_api_address=f"127.0.0.1:{open_api_ports[spec.name]}",
                 )
             )
         customer_accounts = {
@@ -278,6 +298,7 @@ class LocalCluster:
                     "name": record.name,
                     "role": str(record.role),
                     "key_file": str(keys_directory / f"{record.id}.key"),
+                    "open_api_token_file": str(keys_directory / f"{record.id}.open-api-token"),
                     "accounts": customer_accounts.get(record.id, []),
                 }
                 for record in institution_records
@@ -320,11 +341,12 @@ class LocalCluster:
         directory = self.directory / name
         directory.mkdir()
         public_key = generate_key_file(directory / "node.key")
-        raft_port, client_port, admin_port = _free_ports(3)
+        raft_port, client_port, admin_port, open_api_port = _free_ports(4)
         join = JoinConfig(institution, f"127.0.0.1:{raft_port}", f"127.0.0.1:{client_port}", f"127.0.0.1:{admin_port}")
         config = replace(
             template, name=name, data_dir=directory / "data", key_file=directory / "node.key",
             source=directory / "node.toml", join=join,
+            open_api=replace(template.open_api, listen_address=f"127.0.0.1:{open_api_port}"),
         )
         config_path = directory / "node.toml"
         config_path.write_text(render_node_config(config, relative_to=directory))
@@ -337,6 +359,7 @@ class LocalCluster:
             name=name, role="institution", institution=institution, directory=directory, config=config_path,
             log=directory / "node.log", data_dir=directory / "data", raft_address=join.raft_address,
             client_address=join.client_address, admin_address=join.admin_address,
+            open_api_address=f"127.0.0.1:{open_api_port}",
         )
         self.start([name])
         return name

@@ -11,11 +11,12 @@ from pathlib import Path
 import uvloop
 
 from config.loader import load_node_config
-from config.schema import ConfigError
+from config.schema import Address, ConfigError
 from node.admin import AdminServer
 from node.api import ApiServer
 from node.logs import configure_logging
 from node.failpoints import FailpointError
+from node.open_api import OpenApiConfigError, OpenApiServer, start_open_api
 from node.server import LedgerNode, StartupError
 
 logger = logging.getLogger("tonle.node")
@@ -68,11 +69,17 @@ async def _serve(node: LedgerNode) -> None:
     api = ApiServer(node)
     admin = AdminServer(node)
     spec = node.spec
+    open_api: OpenApiServer | None = None
     try:
         await api.start(spec.client_address.host, spec.client_address.port)
         await admin.start(spec.admin_address.host, spec.admin_address.port)
+        if node.config.open_api.enabled:
+            address = Address.parse(node.config.open_api.listen_address)
+            open_api = await start_open_api(node, address.host, address.port)
     except OSError as error:
         raise StartupError(f"cannot listen: {error}") from None
+    except OpenApiConfigError as error:
+        raise StartupError(f"open API: {error}") from None
     logger.info(
         "node %s (%s) serving: raft %s, client API %s, admin %s",
         spec.name,
@@ -87,6 +94,8 @@ async def _serve(node: LedgerNode) -> None:
     logger.info("stopping on signal")
     await api.close()
     await admin.close()
+    if open_api is not None:
+        await open_api.close()
 
 
 async def _housekeeping(node: LedgerNode, stop: asyncio.Event) -> None:

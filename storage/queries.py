@@ -23,6 +23,7 @@ from storage.records import (
     list_nodes,
     time_of_index,
     transfers_by_reference,
+    transfers_with_hash_prefix,
 )
 from storage.state import StateTransaction
 
@@ -70,6 +71,12 @@ def transfer(transaction: StateTransaction, transfer_id: bytes) -> dict[str, Any
 
 def transfers_with_reference(transaction: StateTransaction, reference: str, limit: int) -> list[dict[str, Any]]:
     ids = transfers_by_reference(transaction, reference, min(limit, reference_limit_max))
+    return [found for transfer_id in ids if (found := transfer(transaction, transfer_id)) is not None]
+
+
+def transfers_with_hash(transaction: StateTransaction, hash_prefix: bytes, limit: int) -> list[dict[str, Any]]:
+    """Transfers whose signed entry's SHA-256 starts with `hash_prefix` (the whole 32 bytes, or a short hash)."""
+    ids = transfers_with_hash_prefix(transaction, hash_prefix, min(limit, reference_limit_max))
     return [found for transfer_id in ids if (found := transfer(transaction, transfer_id)) is not None]
 
 

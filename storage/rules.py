@@ -64,6 +64,7 @@ from storage.records import (
     get_currency,
     get_institution,
     get_node,
+    get_parameter,
     get_pending,
     get_transfer,
     issuance_account,
@@ -72,16 +73,19 @@ from storage.records import (
     list_institutions,
     list_nodes,
     outflow_on,
+    parameter_cross_border_currency,
     phnom_penh_day,
     put_account,
     put_alias,
     put_archived_batch,
     put_batch_time,
     put_currency,
+    put_entry_hash,
     put_head,
     put_history,
     put_institution,
     put_node,
+    put_parameter,
     put_pending,
     put_reference,
     put_transfer,
@@ -166,6 +170,8 @@ def initialize(transaction: StateTransaction, genesis: Genesis) -> None:
     for currency in genesis.currencies:
         put_currency(transaction, CurrencyRecord(currency.code, currency.decimals))
     currencies = [currency.code for currency in genesis.currencies]
+    if genesis.cross_border_currency:
+        put_parameter(transaction, parameter_cross_border_currency, genesis.cross_border_currency)
     for institution in genesis.institutions:
         record = InstitutionRecord(
             institution.id, institution.name, str(institution.role), InstitutionStatus.ACTIVE,
@@ -261,6 +267,13 @@ class _Rejected(Exception):
 
 
 @dataclass(slots=True)
+class _Chain:
+    """What the later legs of a linked chain need from its first transfer: the account that paid."""
+
+    origin: AccountRecord | None = None
+
+
+@dataclass(slots=True)
 class _Decoded:
     entry: SignedEntry
     body: Body
@@ -283,6 +296,8 @@ class _Context:
         # Nodes always extend the receipt tree; `tonle bench` applies without it to measure what it costs.
         self.receipts = receipts
         self.event_number = 0
+        self.cross_border_currency = get_parameter(transaction, parameter_cross_border_currency)
+        self.chain: _Chain | None = None  # set while a linked chain applies
         # Read once per batch and written once at its end (`finish`); a chain that aborts restores it.
         self.tree_size = tree.tree_size(transaction)
         self.tree_size_at_start = self.tree_size
@@ -367,6 +382,7 @@ class _Context:
             event_number, tree_size = self.event_number, self.tree_size
             outer, nested = self.transaction, self.transaction.nested()
             self.transaction = nested
+            self.chain = _Chain()
             try:
                 previous_amount: int | None = None
                 for position, member in enumerate(members):
@@ -378,6 +394,7 @@ class _Context:
                         break
             finally:
                 self.transaction = outer
+                self.chain = None
             if failed_at is None:
                 nested.commit()
                 return outcomes
@@ -420,6 +437,7 @@ class _Context:
             self.tree_size += 1
         record = TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount, leaf_index)
         put_transfer(self.transaction, body.id, record)  # type: ignore[union-attr]
+        put_entry_hash(self.transaction, decoded.entry.raw, body.id)  # type: ignore[union-attr]
         if isinstance(body, Transfer) and body.reference:
             put_reference(self.transaction, body.reference, body.id)
 
@@ -480,6 +498,9 @@ class _Context:
             raise _Rejected("accounts_must_have_the_same_currency")
         if body.currency != debit.currency:
             raise _Rejected("transfer_must_have_the_same_currency_as_accounts")
+        if self.chain is not None and self.chain.origin is None:
+            self.chain.origin = debit
+        self._check_cross_border(self.chain.origin if self.chain is not None else debit, credit)
         self._require_usable(debit, "debit")
         self._require_usable(credit, "credit")
         amount = body.amount
@@ -524,6 +545,18 @@ class _Context:
             event = "transfer"
         self._move(debit, new_debit, credit, new_credit, body.id, amount, event, outflow=self._outflow_after(debit, amount))
         return amount
+
+    def _check_cross_border(self, origin: AccountRecord, credit: AccountRecord) -> None:
+        """Bakong's riel policy as a network rule: money reaches a foreign switch only from a customer
+        account in the genesis `cross_border_currency`. `origin` is the debit account of the chain's first
+        leg, so the sponsor bank's FX leg into the switch (in another currency) is judged by who paid."""
+        if not self.cross_border_currency or credit.kind != AccountKind.SETTLEMENT:
+            return
+        if origin.kind != AccountKind.CUSTOMER or origin.currency == self.cross_border_currency:
+            return
+        owner = get_institution(self.transaction, credit.institution)
+        if owner is not None and owner.role == str(Role.FOREIGN_SWITCH):
+            raise _Rejected("cross_border_currency_not_allowed")
 
     def _require_usable(self, account: AccountRecord, side: str) -> None:
         if account.closed:

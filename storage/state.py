@@ -27,6 +27,8 @@ _state_database_names = (
     "references",
     "batch_times",
     "tree",
+    "hashes",
+    "parameters",
 )
 # Databases outside the state hash: bookkeeping (meta), the archive of applied batches (what `tonle export`
 # hands an auditor) and signed tree heads (validators' attestations about the state, not state).
