@@ -91,11 +91,15 @@ def signature_ceiling(verifying_nodes: int) -> dict[str, float]:
 class Workload:
     """Pre-signed transfers between the network's customer accounts, handed out in order."""
 
-    def __init__(self, cluster: LocalCluster, count: int, seed: int) -> None:
+    def __init__(self, cluster: LocalCluster, count: int, seed: int, accounts: dict[str, list[str]] | None = None) -> None:
+        """`accounts`: by currency, the accounts to pick from (default: the customer accounts of cluster.json)."""
         generator = random.Random(seed)
         by_currency: dict[str, list[str]] = {}
-        for account in cluster.customer_accounts():
-            by_currency.setdefault(account["currency"], []).append(account["account"])
+        if accounts is not None:
+            by_currency = accounts
+        else:
+            for account in cluster.customer_accounts():
+                by_currency.setdefault(account["currency"], []).append(account["account"])
         keys = {record["id"]: cluster.institution_key(record["id"]) for record in cluster.description["institutions"]}
         currencies = sorted(by_currency)
         progress = Progress(count, "signing  ")
@@ -388,6 +392,8 @@ def render(document: dict[str, Any]) -> str:
 
 def command_bench(arguments: argparse.Namespace) -> int:
     seed = arguments.seed if arguments.seed is not None else random.SystemRandom().randrange(2**32)
+    if arguments.scale:
+        return _command_scale(arguments, seed)
     with tempfile.TemporaryDirectory(prefix="tonle-bench-") as scratch:
         directory = Path(arguments.dir) if arguments.dir else Path(scratch)
         document = run_bench(directory, validators=arguments.validators, duration_seconds=arguments.duration,
@@ -406,5 +412,27 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--dir", help="keep the network here (default: a temporary directory)")
     bench.add_argument("--seed", type=int)
     bench.add_argument("--output", choices=("table", "json"), default="table")
+    bench.add_argument("--scale", action="store_true",
+                       help="compare a network holding --scale-accounts accounts and --scale-transfers transfers with "
+                            "one holding --accounts accounts and as many transfers per account; --duration is per network")
+    bench.add_argument("--scale-accounts", type=positive, default=1_000_000)
+    bench.add_argument("--scale-transfers", type=positive, default=10_000_000)
     bench.set_defaults(handler=command_bench)
+
+
+def _command_scale(arguments: argparse.Namespace, seed: int) -> int:
+    from node.bench_scale import render_scale, run_scale
+
+    per_account = arguments.scale_transfers // arguments.scale_accounts
+    with tempfile.TemporaryDirectory(prefix="tonle-scale-") as scratch:
+        directory = Path(arguments.dir) if arguments.dir else Path(scratch)
+        document = run_scale(
+            directory, small_accounts=arguments.accounts, small_transfers=arguments.accounts * per_account,
+            large_accounts=arguments.scale_accounts, large_transfers=arguments.scale_transfers,
+            seconds=arguments.duration, seed=seed,
+        )
+    print(render_scale(document), file=sys.stderr if arguments.output == "json" else sys.stdout)
+    if arguments.output == "json":
+        print(json.dumps(document, indent=2, sort_keys=True))
+    return 0
 

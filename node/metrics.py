@@ -121,6 +121,11 @@ class NodeMetrics:
         self.proposer_queue = Gauge(
             "tonle_proposer_queue_entries", "Verified entries waiting for a batch.", registry=registry
         )
+        self.outcomes_awaited = Gauge(
+            "tonle_outcomes_awaited_entries",
+            "Entries whose outcome clients of this node are waiting for (bounded; beyond it intake answers busy).",
+            registry=registry,
+        )
         self.proposals = Counter("tonle_proposals", "Batches proposed to Raft by this node.", registry=registry)
         self.proposals_failed = Counter(
             "tonle_proposals_failed",

@@ -14,7 +14,7 @@ from config.keys import load_signing_key
 from config.schema import Address, Genesis, NodeConfig, NodeRole, NodeSpec
 from consensus.batch import Batch, Checkpoint, encode_batch
 from consensus.codec import pack
-from consensus.entries import EntryError, SignedEntry, Transfer, TransferFlags, decode_entry, entry_key
+from consensus.entries import Body, EntryError, SignedEntry, Transfer, TransferFlags, decode_entry, entry_key
 from consensus.proposer import Proposer, ProposerLimits
 from consensus.raft.adapter import RaftEvents, RaftNode
 from node.failpoints import enabled_failpoints
@@ -40,6 +40,11 @@ logger = logging.getLogger("tonle.node")
 
 # Bounds on what one node holds in memory on behalf of clients.
 proposals_in_flight_max = 32
+# Group commit: a batch that is not full is proposed only while fewer than this many proposals are awaiting
+# their commit; otherwise its entries keep gathering until one commits. Alone, a transfer goes at once;
+# under load batches grow by themselves, so each node pays its per-batch costs (fsyncs, a Raft message, an
+# LMDB commit) for many transfers instead of a few, and the leader keeps up at any offered rate below peak.
+partial_batches_in_flight_max = 2
 outcome_waiters_max = 200_000
 state_hash_history_max = 100_000
 apply_lag_entries_max = 64
@@ -48,6 +53,7 @@ apply_lag_entries_max = 64
 checkpoint_interval_seconds = 5.0
 fatal_exit_code = 70
 forward_timeout_seconds = 5.0
+_linked_flag = int(TransferFlags.LINKED)  # a plain int: enum operations per entry are slow
 
 
 class StartupError(RuntimeError):
@@ -62,6 +68,27 @@ class _Candidate:
     entry: SignedEntry
     key: bytes
     linked: bool
+
+
+class _RequestWaiter:
+    """The outcomes one submit request awaits: one future per request, not one per entry (at a few thousand
+    entries a second, a future, a callback and a wait set per entry cost the event loop more than the rest
+    of intake)."""
+
+    __slots__ = ("results", "remaining", "future")
+
+    def __init__(self, results: list[dict[str, Any] | None], remaining: int, future: asyncio.Future[None]) -> None:
+        self.results = results
+        self.remaining = remaining
+        self.future = future
+
+    def resolve(self, position: int, reply: dict[str, Any]) -> None:
+        if self.results[position] is not None:
+            return
+        self.results[position] = reply
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(None)
 
 
 @dataclass(slots=True)
@@ -142,8 +169,10 @@ class LedgerNode:
         )
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run()
         self.raft: RaftNode = None  # type: ignore[assignment]
-        self._waiters: dict[bytes, list[asyncio.Future[dict[str, Any]]]] = {}
+        # Outcome key -> the requests awaiting it and the entry's position in each.
+        self._waiters: dict[bytes, list[tuple[_RequestWaiter, int]]] = {}
         self._waiter_count = 0
+        self.metrics.outcomes_awaited.set_function(lambda: self._waiter_count)  # read when scraped
         self._proposals: dict[int, _Proposal] = {}
         self._proposal_counter = 0
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -200,6 +229,7 @@ class LedgerNode:
             raft_config=self.config.raft,
             store=self.store,
             verify=self.verifier.is_valid,
+            decoded=self.verifier.take_decoded,
             events=_Events(self),
             transport_observer=TransportMetrics(self.metrics),
             journal_observer=JournalMetrics(self.metrics),
@@ -226,11 +256,15 @@ class LedgerNode:
         while len(history) > state_hash_history_max:
             history.popitem(last=False)
         self._check_checkpoint(batch.checkpoint)
+        if self._waiters:
+            self._resolve_outcomes(batch)
+
+    def _resolve_outcomes(self, batch: AppliedBatch) -> None:
         for outcome in batch.outcomes:
             if outcome.key is None:
                 continue
-            waiters = self._waiters.pop(outcome.key, None)
-            if not waiters:
+            registrations = self._waiters.pop(outcome.key, None)
+            if not registrations:
                 continue
             reply = {
                 "status": STATUS_APPLIED,
@@ -239,10 +273,9 @@ class LedgerNode:
                 "original": outcome.original_result,
                 "amount": outcome.amount,
             }
-            for waiter in waiters:
-                self._waiter_count -= 1
-                if not waiter.done():
-                    waiter.set_result(reply)
+            self._waiter_count -= len(registrations)
+            for waiter, position in registrations:
+                waiter.resolve(position, reply)
 
     def _check_checkpoint(self, checkpoint: Checkpoint | None) -> None:
         if checkpoint is None:
@@ -271,6 +304,7 @@ class LedgerNode:
         """Check, verify and route a client's entries; wait for their outcomes (unless forwarded)."""
         results: list[dict[str, Any] | None] = [None] * len(request.entries)
         candidates: list[_Candidate] = []
+        bodies: list[Body] = []
         for position, raw in enumerate(request.entries):
             try:
                 entry = decode_entry(raw)
@@ -283,8 +317,9 @@ class LedgerNode:
                     "wrong_network", f"entry is for network {entry.cluster_id!r}, this is {self.genesis.cluster_id!r}"
                 )
                 continue
-            linked = isinstance(body, Transfer) and TransferFlags.LINKED in TransferFlags(body.flags)
+            linked = isinstance(body, Transfer) and bool(body.flags & _linked_flag)
             candidates.append(_Candidate(position, entry, entry_key(entry, body), linked))
+            bodies.append(body)
         if candidates:
             started = time.perf_counter()
             futures = self.verifier.verify_many([candidate.entry for candidate in candidates])
@@ -292,11 +327,15 @@ class LedgerNode:
             for future in futures:
                 validity.extend(await asyncio.wrap_future(future))
             self.metrics.signature_verification.observe(time.perf_counter() - started)
-            for candidate, valid in zip(candidates, validity, strict=True):
-                if not valid:
+            decoded = []
+            for candidate, body, valid in zip(candidates, bodies, validity, strict=True):
+                if valid:
+                    decoded.append((candidate.entry, body))
+                else:
                     results[candidate.position] = self._rejected(
                         "signature_invalid", "the signature does not verify for this network, kind and body"
                     )
+            self.verifier.remember_decoded(decoded)
             units = self._units(request, candidates, results)
             if units:
                 await self._route(request, units, results)
@@ -369,35 +408,36 @@ class LedgerNode:
             for candidate in accepted:
                 results[candidate.position] = self._rejected(ERROR_NO_LEADER, "this node is not the leader")
             return
-        waiters = [(candidate, self._await_outcome(candidate.key)) for candidate in accepted]
-        if not self.raft.is_leader():
-            refusals = await self._forward([candidate.entry.raw for candidate in accepted])
-            for (_candidate, waiter), refusal in zip(waiters, refusals, strict=True):
-                if refusal is not None and not waiter.done():
-                    waiter.set_result(self._rejected(refusal, f"the leader did not take the entry: {refusal}"))
-        timeout_seconds = self.config.api.request_timeout_ms / 1000
-        done, _pending = await asyncio.wait([waiter for _, waiter in waiters], timeout=timeout_seconds)
-        for candidate, waiter in waiters:
-            if waiter in done:
-                results[candidate.position] = waiter.result()
-            else:
-                waiter.cancel()
+        waiter = _RequestWaiter(results, len(accepted), self.loop.create_future())
+        for candidate in accepted:
+            self._waiters.setdefault(candidate.key, []).append((waiter, candidate.position))
+        self._waiter_count += len(accepted)
+        try:
+            if not self.raft.is_leader():
+                refusals = await self._forward([candidate.entry.raw for candidate in accepted])
+                for candidate, refusal in zip(accepted, refusals, strict=True):
+                    if refusal is not None:
+                        waiter.resolve(candidate.position, self._rejected(refusal, f"the leader did not take the entry: {refusal}"))
+            if waiter.remaining:
+                await asyncio.wait((waiter.future,), timeout=self.config.api.request_timeout_ms / 1000)
+        finally:
+            self._forget(waiter, accepted)
+        for candidate in accepted:
+            if results[candidate.position] is None:
                 results[candidate.position] = self._outcome_from_state(candidate.key) or self._unknown("timeout")
 
-    def _await_outcome(self, key: bytes) -> asyncio.Future[dict[str, Any]]:
-        future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self._waiters.setdefault(key, []).append(future)
-        self._waiter_count += 1
-        future.add_done_callback(lambda done, key=key: self._forget_waiter(key, done))
-        return future
-
-    def _forget_waiter(self, key: bytes, future: asyncio.Future[dict[str, Any]]) -> None:
-        waiters = self._waiters.get(key)
-        if waiters and future in waiters:
-            waiters.remove(future)
-            self._waiter_count -= 1
-            if not waiters:
-                del self._waiters[key]
+    def _forget(self, waiter: _RequestWaiter, accepted: list[_Candidate]) -> None:
+        """Drop what is still registered for a request that stops waiting (answered, timed out, cancelled)."""
+        for candidate in accepted:
+            registrations = self._waiters.get(candidate.key)
+            if not registrations:
+                continue
+            kept = [registration for registration in registrations if registration[0] is not waiter]
+            self._waiter_count -= len(registrations) - len(kept)
+            if kept:
+                self._waiters[candidate.key] = kept
+            else:
+                del self._waiters[candidate.key]
 
     def _outcome_from_state(self, key: bytes) -> dict[str, Any] | None:
         if not key.startswith(b"t"):
@@ -416,9 +456,12 @@ class LedgerNode:
                 key = entry_key(entry, entry.body())
             except EntryError:
                 continue
-            for waiter in self._waiters.get(key, [])[:]:
-                if not waiter.done():
-                    waiter.set_result(self._unknown(reason))
+            registrations = self._waiters.pop(key, None)
+            if not registrations:
+                continue
+            self._waiter_count -= len(registrations)
+            for waiter, position in registrations:
+                waiter.resolve(position, self._unknown(reason))
 
     async def _forward(self, raws: list[bytes]) -> list[str | None]:
         """Pass entries to the leader; per entry, None if it took them or the reason it did not."""
@@ -439,6 +482,8 @@ class LedgerNode:
         if not self._proposals or self.proposer.has_full_batch():
             self._flush_handle = self.loop.call_soon(self._flush)
             return
+        if len(self._proposals) >= partial_batches_in_flight_max:
+            return  # the next commit (`_proposal_done`) calls again
         due = self.proposer.due_microseconds()
         if due is None:
             return
@@ -455,8 +500,9 @@ class LedgerNode:
         while len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
             due = self.proposer.due_microseconds()
             now = _now_microseconds()
-            if self._proposals and not self.proposer.has_full_batch() and due is not None and now < due:
-                break
+            if self._proposals and not self.proposer.has_full_batch():
+                if (due is not None and now < due) or len(self._proposals) >= partial_batches_in_flight_max:
+                    break
             started = time.perf_counter()
             oldest = self.proposer.oldest_enqueued_microseconds
             if oldest is not None:

@@ -9,12 +9,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from consensus.batch import BatchError, decode_batch
-from consensus.entries import EntryError, SignedEntry, decode_entry, signature_is_valid
+from consensus.entries import Body, EntryError, SignedEntry, decode_entry, signature_is_valid
 
 # Verified entries are remembered by a digest of their full bytes (never by signature alone: a cached
 # signature paired with another body must not pass). Bounded so memory stays flat under any load.
 verified_cache_entries_max = 1 << 18
 pending_batches_max = 4096
+# Entries decoded on intake or as their batch arrived, kept (bounded) until the apply takes them, so the
+# apply does not decode them again. A few batches' worth: the apply runs at most a few batches behind.
+decoded_cache_entries_max = 1 << 14
 verification_chunk_entries = 64
 digest_bytes = 16
 
@@ -36,6 +39,7 @@ class SignatureVerifier:
         self._lock = threading.Lock()
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._pending_batches: OrderedDict[bytes, Future[None]] = OrderedDict()
+        self._decoded: OrderedDict[bytes, tuple[SignedEntry, Body]] = OrderedDict()
         self.cache_hits = 0
 
     def close(self) -> None:
@@ -53,6 +57,19 @@ class SignatureVerifier:
         self._remember([entry_digest(entry.raw) for entry, valid in zip(entries, results, strict=True) if valid])
         self._count_verified(len(entries))
         return results
+
+    def remember_decoded(self, decoded: list[tuple[SignedEntry, Body]]) -> None:
+        """Keep decodes for the apply, keyed by the entry's exact bytes (the oldest go first when full)."""
+        with self._lock:
+            for entry, body in decoded:
+                self._decoded[entry.raw] = (entry, body)
+            while len(self._decoded) > decoded_cache_entries_max:
+                self._decoded.popitem(last=False)
+
+    def take_decoded(self, raw: bytes) -> tuple[SignedEntry, Body] | None:
+        """The apply's lookup: an entry is applied once per node, so its decode is dropped as it is taken."""
+        with self._lock:
+            return self._decoded.pop(raw, None)
 
     def verify_many(self, entries: list[SignedEntry]) -> list[Future[list[bool]]]:
         """Intake: verify in chunks across the pool; the futures' results are in `entries` order."""
@@ -77,17 +94,22 @@ class SignatureVerifier:
             raws = decode_batch(batch_bytes).entries
         except BatchError:
             return
-        unverified = []
+        unverified = set()
         with self._lock:
             for raw in raws:
                 if entry_digest(raw) not in self._verified:
-                    unverified.append(raw)
+                    unverified.add(raw)
         entries = []
-        for raw in unverified:
+        decoded = []
+        for raw in raws:
             try:
-                entries.append(decode_entry(raw))
+                entry = decode_entry(raw)
+                decoded.append((entry, entry.body()))
             except EntryError:
                 continue
+            if raw in unverified:
+                entries.append(entry)
+        self.remember_decoded(decoded)
         if entries:
             self._verify_chunk(entries)
 

@@ -158,6 +158,9 @@ class AppliedBatch:
 
 
 Verify = Callable[[SignedEntry], bool]
+# The node's decode of an entry's exact bytes, made on intake or as a batch arrived, if it still has one.
+# Decoding is a pure function of the bytes, so a remembered result is the result the apply would get.
+Decoded = Callable[[bytes], "tuple[SignedEntry, Body] | None"]
 
 
 # Genesis -------------------------------------------------------------------------------------------------
@@ -210,7 +213,8 @@ def _open(
 
 
 def apply_batch(
-    transaction: StateTransaction, index: int, batch_bytes: bytes, verify: Verify, cluster_id: str, *, receipts: bool = True
+    transaction: StateTransaction, index: int, batch_bytes: bytes, verify: Verify, cluster_id: str, *, receipts: bool = True,
+    decoded: Decoded | None = None,
 ) -> AppliedBatch | None:
     """Apply the Raft entry at `index`. Returns None when it was applied before (a replay changes nothing).
 
@@ -231,7 +235,7 @@ def apply_batch(
     # Cluster time only moves forward, whatever the clock of a new leader says.
     previous_time_ms = transaction.cluster_time_ms()
     cluster_time_ms = max(previous_time_ms, batch.proposer_time_ms)
-    context = _Context(transaction, index, cluster_time_ms, cluster_id, verify, receipts)
+    context = _Context(transaction, index, cluster_time_ms, cluster_id, verify, receipts, decoded)
     expired = context.expire_pending()
     outcomes = context.apply_entries(batch.entries)
     context.finish()
@@ -285,7 +289,8 @@ class _Context:
     """The state one batch is applied against."""
 
     def __init__(
-        self, transaction: StateTransaction, index: int, cluster_time_ms: int, cluster_id: str, verify: Verify, receipts: bool
+        self, transaction: StateTransaction, index: int, cluster_time_ms: int, cluster_id: str, verify: Verify, receipts: bool,
+        decoded: Decoded | None = None,
     ) -> None:
         self.transaction = transaction
         self.index = index
@@ -293,6 +298,7 @@ class _Context:
         self.day = phnom_penh_day(cluster_time_ms)
         self.cluster_id = cluster_id
         self.verify = verify
+        self.decoded = decoded
         # Nodes always extend the receipt tree; `tonle bench` applies without it to measure what it costs.
         self.receipts = receipts
         self.event_number = 0
@@ -312,22 +318,27 @@ class _Context:
 
     def apply_entries(self, raws: tuple[bytes, ...]) -> tuple[EntryOutcome, ...]:
         outcomes: list[EntryOutcome] = []
-        chain: list[tuple[int, bytes]] = []
-        for position, raw in enumerate(raws):
+        chain: list[_Decoded | EntryOutcome] = []
+        for raw in raws:
             decoded = self._decode(raw)
             linked = isinstance(decoded, _Decoded) and isinstance(decoded.body, Transfer) and bool(decoded.body.flags & _linked)
             if chain or linked:
-                chain.append((position, raw))
+                chain.append(decoded)
                 if not linked:
-                    outcomes.extend(self._apply_chain([raw for _, raw in chain], closed=True))
+                    outcomes.extend(self._apply_chain(chain, closed=True))
                     chain = []
             else:
                 outcomes.append(self._apply_single(decoded))
         if chain:
-            outcomes.extend(self._apply_chain([raw for _, raw in chain], closed=False))
+            outcomes.extend(self._apply_chain(chain, closed=False))
         return tuple(outcomes)
 
     def _decode(self, raw: bytes) -> _Decoded | EntryOutcome:
+        if self.decoded is not None:
+            remembered = self.decoded(raw)
+            if remembered is not None:
+                entry, body = remembered
+                return _Decoded(entry, body, entry_key(entry, body))
         try:
             entry = decode_entry(raw)
             body = entry.body()
@@ -370,12 +381,11 @@ class _Context:
         self.institutions.clear()  # an admitted, suspended or re-keyed institution must be read afresh
         return EntryOutcome(decoded.key, result)
 
-    def _apply_chain(self, raws: list[bytes], closed: bool) -> list[EntryOutcome]:
+    def _apply_chain(self, members: list[_Decoded | EntryOutcome], closed: bool) -> list[EntryOutcome]:
         """A linked chain applies all or nothing, in a nested transaction committed only if every member
         succeeds (`exists` counts as success: a retried chain changes nothing). Otherwise the first failure
         keeps its result, every other member reports `linked_event_failed` (or `linked_event_chain_open`
         when the batch ended inside the chain), and each failure is pinned under its id."""
-        members = [self._decode(raw) for raw in raws]
         outcomes: list[EntryOutcome] = []
         failed_at: int | None = None
         if closed:

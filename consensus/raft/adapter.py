@@ -29,7 +29,7 @@ from consensus.raft.snapshot import (
 )
 from consensus.raft.transport import PeerIdentity, SecureTransport, TransportObserver
 from storage.records import get_node
-from storage.rules import AppliedBatch, apply_batch, apply_no_op
+from storage.rules import AppliedBatch, Decoded, apply_batch, apply_no_op
 from storage.state import LedgerStore, StateTransaction
 
 logger = logging.getLogger("tonle.raft")
@@ -173,6 +173,7 @@ class RaftNode:
         raft_config: RaftConfig,
         store: LedgerStore,
         verify: Callable[[SignedEntry], bool],
+        decoded: Decoded | None = None,
         events: RaftEvents,
         transport_observer: TransportObserver | None = None,
         journal_observer: JournalObserver | None = None,
@@ -182,6 +183,7 @@ class RaftNode:
         self._raft_config = raft_config
         self._store = store
         self._verify = verify
+        self._decoded = decoded
         self._events = events
         raft_directory = data_dir / "raft"
         raft_directory.mkdir(parents=True, exist_ok=True)
@@ -356,7 +358,7 @@ class RaftNode:
             with self._apply_lock, self._store.write() as transaction:
                 if regular:
                     applied = apply_batch(
-                        transaction, index, command[1:], self._verify, self._genesis.cluster_id
+                        transaction, index, command[1:], self._verify, self._genesis.cluster_id, decoded=self._decoded
                     )
                     if applied is not None:
                         self._events.before_commit(transaction, applied)

@@ -50,6 +50,33 @@ def test_a_transfer_submitted_to_an_institution_node_is_applied_on_every_node(ne
         assert found is not None and found["result"] == "ok" and found["amount"] == 777, name
 
 
+def test_every_awaited_outcome_is_answered_and_released_on_every_node(network):
+    """Several requests await the same entry, one request carries an entry twice, some go through a node
+    that forwards: each gets the outcome, and no node keeps waiting for anything afterwards."""
+    entries = [network.transfer("c1.khr@aba", "c2.khr@acleda", 5, "KHR") for _ in range(20)]
+    answers: dict[str, list] = {}
+
+    def submit(node: str, batch: list[bytes]) -> None:
+        with network.client(node) as client:
+            answers[node] = client.submit(batch)
+
+    threads = [
+        threading.Thread(target=submit, args=(node, entries + entries[:3]))
+        for node in ("v1", "v2", "v3", "aba-1", "acleda-1")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answers) == ["aba-1", "acleda-1", "v1", "v2", "v3"]
+    for node, results in answers.items():
+        assert len(results) == 23, node
+        assert all(result["status"] == "applied" and result["result"] in ("ok", "exists") for result in results), (node, results)
+    for node in network.nodes:
+        _code, text = network.admin_get(node, "/metrics")
+        assert "tonle_outcomes_awaited_entries 0.0" in text.splitlines(), node
+
+
 def _bad_inputs(cluster: LocalCluster) -> list[tuple[str, bytes, str, str]]:
     """(case, entry, expected status, expected result) for every kind of bad input the issue lists."""
     debit, credit = "c1.khr@aba", "c2.khr@acleda"
@@ -262,9 +289,13 @@ def test_an_older_snapshot_is_ignored(request, tmp_path):
         cluster.stop([follower])
         shutil.copy(old_copy, snapshot)
         cluster.start([follower])
+        # Converged means every node has the same applied index and state hash. The leader may have applied
+        # an empty housekeeping batch (a checkpoint, a tree head) meanwhile, so the index may have moved on;
+        # what must not happen is the follower going back to the old snapshot's state.
         after = cluster.wait_converged()
-        assert after[follower]["state_hash"] == before[follower]["state_hash"]
         assert after[follower]["applied_index"] >= before[follower]["applied_index"]
+        if after[follower]["applied_index"] == before[follower]["applied_index"]:
+            assert after[follower]["state_hash"] == before[follower]["state_hash"]
         assert "ignoring snapshot" in cluster.nodes[follower].log.read_text()
 
 

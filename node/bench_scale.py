@@ -1,0 +1,277 @@
+"""`tonle bench --scale`: committed transfers/s and node memory with a large state (1 million accounts and
+10 million transfers already in LMDB) against a small one, each network started from a state built offline
+by the real apply and installed as a Raft snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from config.loader import load_genesis
+from config.schema import StorageConfig
+from consensus.batch import Batch, encode_batch
+from consensus.entries import Issue, OpenAccount, Transfer, sign_entry
+from consensus.raft.adapter import command_type_no_op
+from consensus.raft.snapshot import SnapshotHeader, write_snapshot
+from node import bench
+from node.cluster import LocalCluster, local_raft
+from node.load import Progress
+from storage.rules import apply_batch, genesis_applied_index, initialize
+from storage.state import LedgerStore
+
+# The offline build applies batches of this many entries, as a busy leader would propose them.
+build_batch_entries = 250
+# Entries signed per task handed to a signing process.
+sign_task_entries = 5000
+# Money each account starts with, in riel, and the largest transfer: no transfer of the run can fail for
+# lack of funds or the daily limit, so every one does the full work of a successful transfer.
+opening_balance_riel = 10**9
+transfer_amount_max = 1000
+# Cluster time advances by this much per built batch (the leader stamps its clock on each batch).
+build_batch_milliseconds = 1
+# Headroom over the built state for the run's own transfers.
+map_size_headroom_bytes = 8 << 30
+# No snapshot of a many-gigabyte state during the measurement: it would measure the copy, not the ledger.
+scale_raft = replace(local_raft, log_compaction_entries=10_000_000)
+
+
+def account_name(number: int, institutions: tuple[str, ...]) -> str:
+    return f"s{number}.khr@{institutions[number % len(institutions)]}"
+
+
+# Signing, in worker processes (the apply runs in the parent meanwhile) ---------------------------------
+
+_worker_keys: dict[str, SigningKey] = {}
+_worker_cluster_id = ""
+
+
+def _init_worker(seeds: dict[str, bytes], cluster_id: str) -> None:
+    global _worker_cluster_id
+    _worker_keys.update({institution: SigningKey(seed) for institution, seed in seeds.items()})
+    _worker_cluster_id = cluster_id
+
+
+def _sign_task(task: tuple[str, int, int, int, tuple[str, ...]]) -> list[bytes]:
+    """Entries `start`..`start + count` of one build phase, deterministic in their numbers."""
+    phase, start, count, accounts, institutions = task
+    signed = []
+    generator = random.Random(start * 7919 + len(phase))
+    for number in range(start, start + count):
+        if phase == "open":
+            name = account_name(number, institutions)
+            body: Any = OpenAccount(name, "KHR", tier="full")
+            signer = name.rpartition("@")[2]
+        elif phase == "fund":
+            name = account_name(number, institutions)
+            signer = name.rpartition("@")[2]
+            body = Transfer(_id(2, number), f"settlement.khr@{signer}", name, opening_balance_riel, "KHR")
+        else:
+            debit, credit = generator.sample(range(accounts), 2)
+            name = account_name(debit, institutions)
+            signer = name.rpartition("@")[2]
+            body = Transfer(_id(3, number), name, account_name(credit, institutions), generator.randint(1, transfer_amount_max), "KHR")
+        signed.append(sign_entry(body, cluster_id=_worker_cluster_id, signer=signer, signing_key=_worker_keys[signer]))
+    return signed
+
+
+def _id(phase: int, number: int) -> bytes:
+    # Time-ordered-looking ids (phase, then number) keep the transfers tree append-mostly, as real ids do.
+    return phase.to_bytes(2, "big") + number.to_bytes(14, "big")
+
+
+# Building the state ------------------------------------------------------------------------------------
+
+
+def build_state(cluster: LocalCluster, state_directory: Path, *, accounts: int, transfers: int, map_size_bytes: int) -> int:
+    """Apply the opening of `accounts` accounts, their funding and `transfers` transfers to a new LMDB state
+    with the node's own apply; returns the applied index. The entries are signed here (so the state is what
+    the network would hold) but not verified: this process made every signature."""
+    genesis = load_genesis(Path(cluster.description["genesis"]))
+    institutions = tuple(record["id"] for record in cluster.description["institutions"] if record["id"] != cluster.central_bank())
+    seeds = {record["id"]: cluster.institution_key(record["id"]).encode() for record in cluster.description["institutions"]}
+    store = LedgerStore(state_directory, map_size_bytes=map_size_bytes, sync=False)
+    with store.write() as transaction:
+        initialize(transaction, genesis)
+    index = genesis_applied_index
+    time_ms = int(time.time() * 1000) - 3_600_000
+
+    def apply(entries: list[bytes]) -> None:
+        nonlocal index, time_ms
+        for start in range(0, len(entries), build_batch_entries):
+            index += 1
+            time_ms += build_batch_milliseconds
+            with store.write() as transaction:
+                apply_batch(
+                    transaction, index, encode_batch(Batch(time_ms, None, tuple(entries[start : start + build_batch_entries]))),
+                    lambda _entry: True, genesis.cluster_id,
+                )
+
+    central_bank_key = cluster.institution_key(cluster.central_bank())
+    issues = [
+        sign_entry(Issue(_id(1, number), f"settlement.khr@{institution}", opening_balance_riel * accounts, "KHR"),
+                   cluster_id=genesis.cluster_id, signer=cluster.central_bank(), signing_key=central_bank_key)
+        for number, institution in enumerate(institutions)
+    ]
+    apply(issues)
+    with multiprocessing.get_context("fork").Pool(
+        processes=max(1, (os.cpu_count() or 2) - 1), initializer=_init_worker, initargs=(seeds, genesis.cluster_id)
+    ) as pool:
+        for phase, count in (("open", accounts), ("fund", accounts), ("transfer", transfers)):
+            progress = Progress(count, f"{phase:<9}")
+            tasks = [(phase, start, min(sign_task_entries, count - start), accounts, institutions)
+                     for start in range(0, count, sign_task_entries)]
+            for entries in pool.imap(_sign_task, tasks):
+                apply(entries)
+                progress.advance(len(entries))
+    store.environment.sync(True)
+    store.close()
+    return index
+
+
+def install(cluster: LocalCluster, built: Path, applied_index: int) -> None:
+    """Give every validator the built state, and a snapshot of it so Raft's log starts after it."""
+    genesis = load_genesis(Path(cluster.description["genesis"]))
+    validators = cluster.validators()
+    first = cluster.nodes[validators[0]]
+    store = LedgerStore(built, map_size_bytes=_map_size(built), sync=True)
+    summary = store.summary()
+    header = SnapshotHeader(
+        cluster_id=genesis.cluster_id,
+        last_entry=(command_type_no_op, applied_index, 0),
+        previous_entry=(command_type_no_op, applied_index - 1, 0),
+        voters=tuple(str(validator.raft_address) for validator in genesis.validators),
+        applied_index=summary.applied_index,
+        state_hash=summary.state_hash,
+    )
+    snapshot = first.data_dir / "raft" / "snapshot.bin"
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    write_snapshot(snapshot, store, header)
+    store.close()
+    for name in validators:
+        node = cluster.nodes[name]
+        state = node.data_dir / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        if name == first.name:
+            continue
+        shutil.copyfile(built / "data.mdb", state / "data.mdb")
+        (node.data_dir / "raft").mkdir(parents=True, exist_ok=True)
+        # pysyncobj writes a new snapshot to a temporary file and renames it, so the nodes can share this one.
+        os.link(snapshot, node.data_dir / "raft" / "snapshot.bin")
+    os.replace(built / "data.mdb", first.data_dir / "state" / "data.mdb")
+    shutil.rmtree(built)
+
+
+def _map_size(path: Path) -> int:
+    return (path / "data.mdb").stat().st_size + map_size_headroom_bytes
+
+
+# Measuring -------------------------------------------------------------------------------------------
+
+
+def _memory(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]:
+    """Create a network in `directory` whose validators start from a built state; kept for later runs
+    (`DIR/scale.json` records what was built, so a second run measures without building again)."""
+    record_path = directory / "scale.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if (record["accounts"], record["preloaded_transfers"]) == (accounts, transfers):
+            return record
+        raise FileExistsError(f"{directory} holds a state of another size; remove it or use another --dir")
+    estimate_bytes = (accounts * 2 + transfers) * 1600 + (1 << 30)
+    cluster = LocalCluster.create(
+        directory, validators=3, institutions=2, institution_nodes=False, accounts_per_currency=1, raft=scale_raft,
+        storage=StorageConfig(map_size_bytes=estimate_bytes + map_size_headroom_bytes, sync=True),
+    )
+    built = directory / "built"
+    started = time.perf_counter()
+    print(f"building a state of {accounts:,} accounts and {transfers:,} transfers with the apply", file=sys.stderr)
+    applied_index = build_state(cluster, built, accounts=accounts, transfers=transfers, map_size_bytes=estimate_bytes)
+    record = {
+        "accounts": accounts,
+        "preloaded_transfers": transfers,
+        "applied_index": applied_index,
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "state_bytes": (built / "data.mdb").stat().st_size,
+    }
+    install(cluster, built, applied_index)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, seed: int) -> dict[str, Any]:
+    """Start a prepared network, load it closed-loop for `seconds`; what it committed and what its nodes hold."""
+    document: dict[str, Any] = dict(prepare(directory, accounts=accounts, transfers=transfers))
+    cluster = LocalCluster.load(directory)
+    cluster.start()
+    try:
+        leader = cluster.wait_for_leader(timeout_seconds=300)
+        cluster.wait_ready(timeout_seconds=300)
+        institutions = tuple(record["id"] for record in cluster.description["institutions"] if record["id"] != cluster.central_bank())
+        generator = random.Random(seed)
+        names = [account_name(generator.randrange(accounts), institutions) for _ in range(200_000)]
+        workload = bench.Workload(cluster, int(seconds * 6000) + 10_000, seed, accounts={"KHR": names})
+        leader = cluster.wait_for_leader()
+        pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid}
+        cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
+        address = cluster.nodes[leader].client_address
+        peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
+        cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
+        document["transfers_per_second"] = round(peak.per_second, 1)
+        document["failed"] = peak.failed
+        document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
+        document["node_memory_bytes"] = {name: _memory(pid) for name, pid in pids.items()}
+    finally:
+        cluster.kill()
+    return document
+
+
+def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, large_accounts: int, large_transfers: int,
+              seconds: float, seed: int) -> dict[str, Any]:
+    """Both networks are built first (`prepare`), then measured one after the other."""
+    prepare(directory / "small", accounts=small_accounts, transfers=small_transfers)
+    prepare(directory / "large", accounts=large_accounts, transfers=large_transfers)
+    small = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed)
+    large = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed)
+    return {
+        "small": small,
+        "large": large,
+        "throughput_ratio_large_to_small": round(large["transfers_per_second"] / max(1.0, small["transfers_per_second"]), 3),
+    }
+
+
+def render_scale(document: dict[str, Any]) -> str:
+    rows = [("", "small", "large")]
+    small, large = document["small"], document["large"]
+    rows.append(("accounts", f"{small['accounts']:,}", f"{large['accounts']:,}"))
+    rows.append(("transfers already in LMDB", f"{small['preloaded_transfers']:,}", f"{large['preloaded_transfers']:,}"))
+    rows.append(("state size", f"{small['state_bytes'] / 2**30:.2f} GiB", f"{large['state_bytes'] / 2**30:.2f} GiB"))
+    rows.append(("committed transfers/s", f"{small['transfers_per_second']:,.0f}", f"{large['transfers_per_second']:,.0f}"))
+    rows.append(("node CPU per transfer (all nodes)", f"{small['node_cpu_microseconds_per_transfer']:,.0f} us",
+                 f"{large['node_cpu_microseconds_per_transfer']:,.0f} us"))
+    for field, label in (("VmRSS", "node resident memory, max"), ("RssAnon", "  of which process heap"),
+                         ("RssFile", "  of which mapped LMDB pages")):
+        rows.append((label, *(f"{max(memory[field] for memory in side['node_memory_bytes'].values()) / 2**20:,.0f} MiB"
+                              for side in (small, large))))
+    rows.append(("throughput, large / small", "", f"{document['throughput_ratio_large_to_small']:.0%}"))
+    width = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join(f"{row[0]:<{width[0]}}  {row[1]:>{width[1]}}  {row[2]:>{width[2]}}" for row in rows)

@@ -1,0 +1,100 @@
+"""The node's verifier: signatures checked once per node, decodes handed to the apply, both caches bounded."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from consensus.entries import Issue, OpenAccount, Transfer, TransferFlags, decode_entry
+from node import verifier as verifier_module
+from node.verifier import SignatureVerifier
+from storage.rules import apply_batch
+from tests.ledger_fixtures import Ledger, batch, make_network, tid
+
+
+@pytest.fixture
+def verifier():
+    instance = SignatureVerifier(threads=2)
+    yield instance
+    instance.close()
+
+
+def funded_ledger(path: Path, network) -> Ledger:
+    ledger = Ledger(path, network)
+    sign = network.sign
+    accounts = [f"c{number}@aba" for number in range(8)]
+    ledger.apply(*(sign(OpenAccount(account, "KHR", tier="full"), "aba") for account in accounts))
+    ledger.apply(sign(Issue(tid(1), "settlement.khr@aba", 10**9, "KHR"), "nbc"))
+    ledger.apply(*(sign(Transfer(tid(2 + n), "settlement.khr@aba", a, 10**6, "KHR"), "aba") for n, a in enumerate(accounts)))
+    return ledger
+
+
+def workload(network, count: int) -> list[bytes]:
+    """Transfers of every shape the decode matters for: plain, linked chains, failures, a forged signature."""
+    generator = random.Random(5)
+    accounts = [f"c{number}@aba" for number in range(8)]
+    entries = []
+    for number in range(count):
+        debit, credit = generator.sample(accounts, 2)
+        flags = int(TransferFlags.LINKED) if number % 7 == 3 else 0
+        amount = generator.choice([1, 50, 10**7])  # 10**7 exceeds the balance: a failure, pinned
+        entries.append(network.sign(Transfer(tid(1000 + number), debit, credit, amount, "KHR", flags=flags), "aba"))
+    forged = bytearray(entries[5])
+    forged[-1] ^= 1
+    entries[5] = bytes(forged)
+    return entries
+
+
+def test_applying_remembered_decodes_gives_the_same_outcomes_and_state_as_decoding_again(tmp_path, verifier):
+    network = make_network()
+    decoding = funded_ledger(tmp_path / "decoding", network)
+    remembering = funded_ledger(tmp_path / "remembering", network)
+    entries = workload(network, 300)
+    taken = []
+    results = []
+
+    def take(raw: bytes):
+        found = verifier.take_decoded(raw)
+        taken.append(found is not None)
+        return found
+
+    for start in range(0, len(entries), 60):
+        raw_batch = batch(*entries[start : start + 60])
+        verifier.prefetch(raw_batch)
+        verifier.wait_for_batch(raw_batch)
+        expected = decoding.apply(*entries[start : start + 60])
+        remembering.index += 1
+        with remembering.store.write() as transaction:
+            applied = apply_batch(
+                transaction, remembering.index, raw_batch, verifier.is_valid, network.genesis.cluster_id, decoded=take
+            )
+        assert applied.outcomes == expected.outcomes
+        assert applied.state_hash == expected.state_hash
+        results += [outcome.result for outcome in applied.outcomes]
+    assert all(taken) and len(taken) == len(entries)
+    # The workload exercised what matters: the forged entry, chains, failures and successes.
+    assert results.count("signature_invalid") == 1
+    assert {"ok", "exceeds_credits", "linked_event_failed"} <= set(results)
+    assert verifier.take_decoded(entries[0]) is None, "a decode is handed to the apply once, then dropped"
+
+
+def test_a_prefetched_batch_is_verified_once_and_a_forged_entry_is_not_remembered_as_verified(verifier):
+    network = make_network()
+    entries = workload(network, 40)
+    raw_batch = batch(*entries)
+    verifier.prefetch(raw_batch)
+    verifier.wait_for_batch(raw_batch)
+    results = [verifier.is_valid(decode_entry(raw)) for raw in entries]
+    assert results == [number != 5 for number in range(40)]
+    assert verifier.cache_hits == 39
+
+
+def test_the_decode_cache_keeps_at_most_its_limit_dropping_the_oldest(verifier, monkeypatch):
+    monkeypatch.setattr(verifier_module, "decoded_cache_entries_max", 10)
+    network = make_network()
+    entries = workload(network, 25)
+    verifier.remember_decoded([(decode_entry(raw), decode_entry(raw).body()) for raw in entries])
+    assert verifier.take_decoded(entries[14]) is None
+    assert all(verifier.take_decoded(raw) is not None for raw in entries[15:])
