@@ -484,7 +484,7 @@ class _Context:
             raise _Rejected("signer_suspended")
 
     def _resolve(self, name: str, side: str) -> AccountRecord:
-        if alias_pattern.fullmatch(name):
+        if name[:1] == "+" and alias_pattern.fullmatch(name):  # aliases are E.164: the cheap test first
             account_name = get_alias(self.transaction, name)
             if account_name is None:
                 raise _Rejected(f"{side}_alias_not_found")

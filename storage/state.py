@@ -61,6 +61,9 @@ class StorageCorrupted(RuntimeError):
     """A stored record failed its checksum or the layout is not what this version wrote. Fatal."""
 
 
+_record_hasher = hashlib.blake2b(digest_size=state_hash_bytes, person=b"tonle-record-v1")
+
+
 def _record_digest(prefix: bytes, key: bytes, payload: bytes) -> bytes:
     """One BLAKE2b over a record names it in the state hash and, cut short, seals it on disk.
 
@@ -68,9 +71,9 @@ def _record_digest(prefix: bytes, key: bytes, payload: bytes) -> bytes:
     database or key can hash like another's. One hash per read or write: the apply writes several records
     per transfer, and this is most of what a write costs.
     """
-    return hashlib.blake2b(
-        prefix + len(key).to_bytes(2, "big") + key + payload, digest_size=state_hash_bytes, person=b"tonle-record-v1"
-    ).digest()
+    hasher = _record_hasher.copy()  # copying a keyed-up hasher is ~40 % cheaper than making one per record
+    hasher.update(prefix + len(key).to_bytes(2, "big") + key + payload)
+    return hasher.digest()
 
 
 def _database_prefix(name: str) -> bytes:
