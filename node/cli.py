@@ -9,6 +9,7 @@ from pathlib import Path
 from config.keys import generate_key_file
 from node.audit import add_audit_commands
 from node.bench import add_bench_commands
+from node.chaos import add_chaos_commands
 from node.cli_support import cluster_of, exit_code_failure, pick_node, positive, print_json
 from node.client import ClientError
 from node.cluster import ClusterError, LocalCluster
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_open_api_commands(commands)
     add_audit_commands(commands)
     add_bench_commands(commands)
+    add_chaos_commands(commands)
 
     load = commands.add_parser("load", help="drive random transfers and check conservation on every node")
     load.add_argument("--dir", required=True)

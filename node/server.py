@@ -110,7 +110,13 @@ class _Events(RaftEvents):
         for result, count in Counter(outcome.result for outcome in batch.outcomes).items():
             node.metrics.entries_applied.labels(result).inc(count)
         node.metrics.applied_index.set(batch.index)
-        node.loop.call_soon_threadsafe(node.on_applied, batch)
+        try:
+            node.loop.call_soon_threadsafe(node.on_applied, batch)
+        except RuntimeError:
+            # A clean stop closes the event loop while the tick thread may still apply a batch: the batch is
+            # durable, only the clients' replies are gone with the loop. Anything else is a real failure.
+            if not node.loop.is_closed():
+                raise
 
     def before_apply(self, batch_bytes: bytes) -> None:
         self._node.verifier.wait_for_batch(batch_bytes)
@@ -169,8 +175,9 @@ class LedgerNode:
         )
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run()
         self.raft: RaftNode = None  # type: ignore[assignment]
-        # Outcome key -> the requests awaiting it and the entry's position in each.
-        self._waiters: dict[bytes, list[tuple[_RequestWaiter, int]]] = {}
+        # Outcome key -> the requests awaiting it, the entry's position in each, and the entry's bytes: one
+        # transfer id sent with two bodies has two outcomes, and each request must get its own.
+        self._waiters: dict[bytes, list[tuple[_RequestWaiter, int, bytes]]] = {}
         self._waiter_count = 0
         self.metrics.outcomes_awaited.set_function(lambda: self._waiter_count)  # read when scraped
         self._proposals: dict[int, _Proposal] = {}
@@ -260,10 +267,18 @@ class LedgerNode:
             self._resolve_outcomes(batch)
 
     def _resolve_outcomes(self, batch: AppliedBatch) -> None:
-        for outcome in batch.outcomes:
+        for raw, outcome in zip(batch.entries, batch.outcomes, strict=True):
             if outcome.key is None:
                 continue
-            registrations = self._waiters.pop(outcome.key, None)
+            waiting = self._waiters.get(outcome.key)
+            if not waiting:
+                continue
+            registrations = [registration for registration in waiting if registration[2] == raw]
+            kept = [registration for registration in waiting if registration[2] != raw]
+            if kept:
+                self._waiters[outcome.key] = kept
+            else:
+                del self._waiters[outcome.key]
             if not registrations:
                 continue
             reply = {
@@ -274,7 +289,7 @@ class LedgerNode:
                 "amount": outcome.amount,
             }
             self._waiter_count -= len(registrations)
-            for waiter, position in registrations:
+            for waiter, position, _raw in registrations:
                 waiter.resolve(position, reply)
 
     def _check_checkpoint(self, checkpoint: Checkpoint | None) -> None:
@@ -410,7 +425,7 @@ class LedgerNode:
             return
         waiter = _RequestWaiter(results, len(accepted), self.loop.create_future())
         for candidate in accepted:
-            self._waiters.setdefault(candidate.key, []).append((waiter, candidate.position))
+            self._waiters.setdefault(candidate.key, []).append((waiter, candidate.position, candidate.entry.raw))
         self._waiter_count += len(accepted)
         try:
             if not self.raft.is_leader():
@@ -424,7 +439,7 @@ class LedgerNode:
             self._forget(waiter, accepted)
         for candidate in accepted:
             if results[candidate.position] is None:
-                results[candidate.position] = self._outcome_from_state(candidate.key) or self._unknown("timeout")
+                results[candidate.position] = self._outcome_from_state(candidate.key, candidate.entry.raw) or self._unknown("timeout")
 
     def _forget(self, waiter: _RequestWaiter, accepted: list[_Candidate]) -> None:
         """Drop what is still registered for a request that stops waiting (answered, timed out, cancelled)."""
@@ -439,13 +454,19 @@ class LedgerNode:
             else:
                 del self._waiters[candidate.key]
 
-    def _outcome_from_state(self, key: bytes) -> dict[str, Any] | None:
+    def _outcome_from_state(self, key: bytes, raw: bytes) -> dict[str, Any] | None:
         if not key.startswith(b"t"):
             return None
         with self.store.read() as transaction:
             record = queries.transfer(transaction, key[1:])
         if record is None:
             return None
+        if record["entry"] != raw:
+            # The apply's rule: the same body from the same signer is the same submission, whatever key signed.
+            stored, sent = decode_entry(record["entry"]), decode_entry(raw)
+            if (stored.body_bytes, stored.signer) != (sent.body_bytes, sent.signer):
+                return {"status": STATUS_APPLIED, "result": "exists_with_different_fields", "index": record["index"],
+                        "original": record["result"], "amount": None}
         return {"status": STATUS_APPLIED, "result": record["result"], "index": record["index"], "original": None,
                 "amount": record["amount_moved"]}
 
@@ -456,11 +477,17 @@ class LedgerNode:
                 key = entry_key(entry, entry.body())
             except EntryError:
                 continue
-            registrations = self._waiters.pop(key, None)
-            if not registrations:
+            waiting = self._waiters.get(key)
+            if not waiting:
                 continue
+            registrations = [registration for registration in waiting if registration[2] == raw]
+            kept = [registration for registration in waiting if registration[2] != raw]
+            if kept:
+                self._waiters[key] = kept
+            else:
+                del self._waiters[key]
             self._waiter_count -= len(registrations)
-            for waiter, position in registrations:
+            for waiter, position, _raw in registrations:
                 waiter.resolve(position, self._unknown(reason))
 
     async def _forward(self, raws: list[bytes]) -> list[str | None]:
@@ -559,7 +586,11 @@ class LedgerNode:
         loop = self.loop
 
         def done(committed: bool, reason: str) -> None:  # tick thread, or this thread on a full queue
-            loop.call_soon_threadsafe(self._proposal_done, number, committed, reason)
+            try:
+                loop.call_soon_threadsafe(self._proposal_done, number, committed, reason)
+            except RuntimeError:
+                if not loop.is_closed():  # after a clean stop nobody waits for the answer
+                    raise
 
         self.raft.propose(batch_bytes, done)
         # Callbacks can be lost (research/pysyncobj.md §2); never hold a slot longer than a request waits.

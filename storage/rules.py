@@ -155,6 +155,9 @@ class AppliedBatch:
     batch_error: str | None = None
     expired: tuple[bytes, ...] = ()
     head: HeadRecord | None = None
+    # The batch's entries as logged, one per outcome and in the same order: entries that share a key (the
+    # same transfer id with different bodies) have different outcomes, and a waiter must get its own.
+    entries: tuple[bytes, ...] = ()
 
 
 Verify = Callable[[SignedEntry], bool]
@@ -248,7 +251,7 @@ def apply_batch(
     if size and cluster_time_ms // head_window_ms > previous_time_ms // head_window_ms:
         head = HeadRecord(index, size, tree.root(transaction, size), state_hash, cluster_time_ms, ())
         put_head(transaction, head)
-    return AppliedBatch(index, cluster_time_ms, outcomes, state_hash, batch.checkpoint, None, expired, head)
+    return AppliedBatch(index, cluster_time_ms, outcomes, state_hash, batch.checkpoint, None, expired, head, batch.entries)
 
 
 def apply_no_op(transaction: StateTransaction, index: int) -> bool:

@@ -77,6 +77,22 @@ def test_every_awaited_outcome_is_answered_and_released_on_every_node(network):
         assert "tonle_outcomes_awaited_entries 0.0" in text.splitlines(), node
 
 
+def test_two_bodies_under_one_id_each_get_their_own_outcome_and_only_the_first_is_applied(network):
+    """Waiters are matched by the bytes they sent, not by the id alone: the second body must not be told `ok`."""
+    transfer_id = new_transfer_id()
+    first = network.transfer("c1.khr@aba", "c2.khr@acleda", 11, "KHR", transfer_id=transfer_id)
+    second = network.transfer("c1.khr@aba", "c2.khr@acleda", 12, "KHR", transfer_id=transfer_id)
+    with network.client("v2") as client:
+        results = client.submit([first, second])
+    assert [(result["status"], result["result"]) for result in results] == [
+        ("applied", "ok"), ("applied", "exists_with_different_fields"),
+    ]
+    with network.client("acleda-1") as client:
+        (again,) = client.submit([second])
+        found = client.lookup_transfer(transfer_id)
+    assert (again["result"], found["amount"]) == ("exists_with_different_fields", 11)
+
+
 def _bad_inputs(cluster: LocalCluster) -> list[tuple[str, bytes, str, str]]:
     """(case, entry, expected status, expected result) for every kind of bad input the issue lists."""
     debit, credit = "c1.khr@aba", "c2.khr@acleda"
