@@ -42,8 +42,10 @@ def start_cluster(directory: Path, **options) -> LocalCluster:
 
 def stop_everything(network: LocalCluster) -> None:
     """Kill every node, including any a command added to cluster.json after this object was loaded."""
+    # Read cluster.json first: `network.kill()` saves this object's view of it, which would forget them.
+    latest = LocalCluster.load(network.directory)
     network.kill()
-    LocalCluster.load(network.directory).kill()
+    latest.kill()
 
 
 @pytest.fixture
