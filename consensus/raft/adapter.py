@@ -112,6 +112,41 @@ pysyncobj.syncobj.createJournal = _create_journal
 _state_names = {0: "follower", 1: "candidate", 2: "leader"}
 
 
+def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None]) -> tuple[dict, bool]:
+    """Raft's receiver rule for an append_entries message, which pysyncobj skips.
+
+    pysyncobj cuts its log after prevLogIdx on every append (syncobj.py, "truncating already-applied log
+    entries"), then writes the message's entries back. A resend after the leader rewinds nextIndex
+    (research/pysyncobj.md B6: dozens of times per run) therefore drops entries this node has acknowledged,
+    possibly committed ones, until the leader sends them again: a vote cast in that window can elect a
+    leader without them, and a crash in it makes the loss durable. Raft only cuts at the first entry whose
+    term conflicts. So: entries already held with the same term are dropped from the message, and when none
+    is left the log keeps its suffix (second value True). The leader's commit index is capped at the last
+    index this message proves to match the leader's log, as Raft's min(leaderCommit, last new entry) does,
+    so that a kept suffix from an older term is never taken as committed.
+    Returns the message for pysyncobj and whether its log must not be cut.
+    """
+    previous_index = message.get("prevLogIdx")
+    if previous_index is None or "transmission" in message or term_at(previous_index) != message.get("prevLogTerm"):
+        return message, False  # pysyncobj answers a gap or a conflict at prevLogIdx itself
+    entries = list(message.get("entries", ()))
+    for offset, (_command, index, _term) in enumerate(entries):
+        if index != previous_index + 1 + offset:
+            return message, False  # not consecutive: leave the message to pysyncobj unchanged
+    matching = 0
+    while matching < len(entries) and term_at(entries[matching][1]) == entries[matching][2]:
+        matching += 1
+    reconciled = dict(message)
+    if matching:
+        reconciled["prevLogIdx"] = entries[matching - 1][1]
+        reconciled["prevLogTerm"] = entries[matching - 1][2]
+        reconciled["entries"] = entries[matching:]
+    last_matching_index = previous_index + len(entries)
+    if isinstance(message.get("commit_index"), int):
+        reconciled["commit_index"] = min(message["commit_index"], last_matching_index)
+    return reconciled, matching == len(entries)
+
+
 class _LedgerSyncObj(SyncObj):
     """SyncObj with the apply, message intake and tick hooks that make it safe for a ledger.
 
@@ -121,6 +156,7 @@ class _LedgerSyncObj(SyncObj):
 
     def __init__(self, owner: RaftNode, self_address, other_addresses, conf, transport_class) -> None:
         self._owner = owner
+        self._keep_log_suffix = False
         super().__init__(self_address, other_addresses, conf, transportClass=transport_class)
 
     # Apply: exactly once per index, never raising into pysyncobj (an exception there retries forever and
@@ -143,7 +179,16 @@ class _LedgerSyncObj(SyncObj):
             for command, _index, _term in message.get("entries", ()):
                 if command[:1] == command_type_regular:
                     self._owner._events.prefetch(command[1:])
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
+            message, self._keep_log_suffix = reconcile_append_entries(message, self._owner._journal.term_at)
+        try:
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+        finally:
+            self._keep_log_suffix = False
+
+    def _SyncObj__deleteEntriesFrom(self, fromIDx):  # noqa: N802, N803 - pysyncobj's names
+        if self._keep_log_suffix:
+            return  # every entry of this append is already held with its term: nothing conflicts
+        SyncObj._SyncObj__deleteEntriesFrom(self, fromIDx)
 
     def _onTick(self, timeToWait=0.0):  # noqa: N802, N803 - pysyncobj's names
         owner = self._owner

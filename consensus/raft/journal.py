@@ -661,6 +661,13 @@ class DurableJournal:
     def last_index(self) -> int:
         return self._first_index + len(self._terms) - 1 if self._terms else 0
 
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at Raft index `index`, or None when this journal does not hold it."""
+        position = index - self._first_index
+        if not self._terms or position < 0 or position >= len(self._terms):
+            return None
+        return self._terms[position]
+
     # -- entries -------------------------------------------------------------------------
 
     def _entry(self, position: int) -> JournalEntry:

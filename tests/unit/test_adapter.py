@@ -152,3 +152,54 @@ def test_the_apply_records_every_raft_index_once(network):
     for sink in events:
         assert len(sink.applied_indexes) == len(set(sink.applied_indexes))
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+
+
+def test_a_resend_after_the_leader_rewinds_next_index_never_cuts_a_followers_log(network, monkeypatch):
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+
+    def propose(names):
+        for name in names:
+            entry = sign_entry(OpenAccount(f"{name}@nbc", "KHR"), cluster_id=genesis.cluster_id, signer="nbc", signing_key=key)
+            leader.propose(encode_batch(Batch(1, None, (entry,))), lambda committed, reason: None)
+        target = leader._journal.last_index
+        _wait(lambda: all(store.summary().applied_index >= target for store in stores), "every node to apply")
+
+    propose([f"before{number}" for number in range(20)])
+    cuts: list[int] = []
+    original_truncate = journal_module.DurableJournal._truncate_after
+
+    def recording_truncate(self, position):
+        cuts.append(position)
+        return original_truncate(self, position)
+
+    monkeypatch.setattr(journal_module.DurableJournal, "_truncate_after", recording_truncate)
+    # What pysyncobj's leader sends after it rewinds nextIndex (a reconnect, a failed append): entries the
+    # follower already holds, from an older index. Delivered in the follower's tick thread, as the transport does.
+    follower = next(node for node in nodes if node is not leader)
+    journal = follower._journal
+    delivered: list[object] = []
+
+    def deliver_resend() -> None:
+        if delivered:
+            return
+        try:
+            syncobj = follower._syncobj
+            held = journal.last_index
+            first = held - 15
+            entries = [tuple(entry) for entry in journal[first - journal.first_index:held - 4 - journal.first_index]]
+            syncobj._SyncObj__onMessageReceived(syncobj._SyncObj__raftLeader, {
+                "type": "append_entries", "term": journal.term_at(held), "commit_index": held,
+                "prevLogIdx": first - 1, "prevLogTerm": journal.term_at(first - 1), "entries": entries,
+            })
+            delivered.append(journal.last_index == held)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            delivered.append(error)
+
+    follower._syncobj.addOnTickCallback(deliver_resend)
+    _wait(lambda: delivered, "the resend to be delivered")
+    assert delivered == [True], "the follower's log got shorter"
+    propose([f"after{number}" for number in range(5)])
+    assert cuts == [], "a follower cut entries it had acknowledged"
+    _wait(lambda: len({node._journal.last_index for node in nodes}) == 1, "every journal to end at one index")
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
