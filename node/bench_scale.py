@@ -221,6 +221,10 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
 
 # Written at random places by every transfer (history and the transaction-hash index are keyed by account
 # and by hash); the rest of the state is appended to, or read near its end.
+# A node that is behind replays its missing entries before it reports ready; with a state of many GiB
+# that can take minutes.
+start_seconds_max = 900
+
 randomly_written_databases = ("accounts", "history", "hashes")
 
 
@@ -244,14 +248,15 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
     """Start a prepared network, load it closed-loop for `seconds`; what it committed and what its nodes hold."""
     document: dict[str, Any] = dict(prepare(directory, accounts=accounts, transfers=transfers))
     cluster = LocalCluster.load(directory)
+    document["page_cache_warmed"] = warm
+    if warm:
+        # Before the nodes start: a node that is behind catches up at the speed of its page cache.
+        print("reading the randomly written databases of every node into the page cache", file=sys.stderr)
+        document["warm_seconds"] = round(sum(warm_page_cache(cluster.nodes[name].data_dir) for name in cluster.validators()), 1)
     cluster.start()
     try:
-        leader = cluster.wait_for_leader(timeout_seconds=300)
-        cluster.wait_ready(timeout_seconds=300)
-        document["page_cache_warmed"] = warm
-        if warm:
-            print("reading the randomly written databases of every node into the page cache", file=sys.stderr)
-            document["warm_seconds"] = round(sum(warm_page_cache(cluster.nodes[name].data_dir) for name in cluster.validators()), 1)
+        leader = cluster.wait_for_leader(timeout_seconds=start_seconds_max)
+        cluster.wait_ready(timeout_seconds=start_seconds_max)
         institutions = tuple(record["id"] for record in cluster.description["institutions"] if record["id"] != cluster.central_bank())
         generator = random.Random(seed)
         names = [account_name(generator.randrange(accounts), institutions) for _ in range(200_000)]

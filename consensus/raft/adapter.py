@@ -112,27 +112,49 @@ pysyncobj.syncobj.createJournal = _create_journal
 _state_names = {0: "follower", 1: "candidate", 2: "leader"}
 
 
-def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None]) -> tuple[dict, bool]:
-    """Raft's receiver rule for an append_entries message, which pysyncobj skips.
+@dataclass(frozen=True)
+class AppendDecision:
+    """What the adapter does with an append_entries message before pysyncobj handles it."""
 
-    pysyncobj cuts its log after prevLogIdx on every append (syncobj.py, "truncating already-applied log
-    entries"), then writes the message's entries back. A resend after the leader rewinds nextIndex
-    (research/pysyncobj.md B6: dozens of times per run) therefore drops entries this node has acknowledged,
-    possibly committed ones, until the leader sends them again: a vote cast in that window can elect a
-    leader without them, and a crash in it makes the loss durable. Raft only cuts at the first entry whose
-    term conflicts. So: entries already held with the same term are dropped from the message, and when none
-    is left the log keeps its suffix (second value True). The leader's commit index is capped at the last
-    index this message proves to match the leader's log, as Raft's min(leaderCommit, last new entry) does,
-    so that a kept suffix from an older term is never taken as committed.
-    Returns the message for pysyncobj and whether its log must not be cut.
+    message: dict  # what pysyncobj sees
+    keep_log_suffix: bool  # every entry of the message is held with its term: nothing may be cut
+    cut_from_index: int | None  # our entry at prevLogIdx conflicts with the leader's: cut from there first
+
+
+def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None], commit_index: int) -> AppendDecision:
+    """Raft's receiver rule for an append_entries message, which pysyncobj does not follow.
+
+    1. pysyncobj cuts its log after prevLogIdx on every append (syncobj.py, "truncating already-applied log
+       entries"), then writes the message's entries back. A resend after the leader rewinds nextIndex
+       (research/pysyncobj.md B6: dozens of times per run) therefore drops entries this node acknowledged,
+       possibly committed ones, until the leader sends them again: a vote cast in that window can elect a
+       leader without them, and a crash in it makes the loss durable. Raft cuts only at the first entry whose
+       term conflicts; entries already held with the same term are dropped from the message, and when none
+       is left the log keeps its suffix. The leader's commit index is capped at the last index this message
+       proves to match the leader's log (Raft's min(leaderCommit, last new entry)), so a kept suffix from an
+       older term is never taken as committed.
+    2. When our entry at prevLogIdx has another term than the leader's, pysyncobj answers "retry from
+       prevLogIdx", but the leader has already streamed the rest of its log behind that append, and each of
+       those appends, past our log's end, answers "retry from our last index + 1", undoing the step back: a
+       deposed leader with an uncommitted suffix never finds where its log matches (docs/faults.md finding 2;
+       a stalled node of the scale run held 6 such entries for 15 minutes). Our entry at prevLogIdx differs
+       from the current leader's, so it was never committed (the leader holds every committed entry): we cut
+       the log there, and every answer to the stream then says "retry from prevLogIdx". Never at or below
+       our own commit index.
     """
     previous_index = message.get("prevLogIdx")
-    if previous_index is None or "transmission" in message or term_at(previous_index) != message.get("prevLogTerm"):
-        return message, False  # pysyncobj answers a gap or a conflict at prevLogIdx itself
+    if previous_index is None or "transmission" in message:
+        return AppendDecision(message, False, None)
+    held_term = term_at(previous_index)
+    if held_term is None:
+        return AppendDecision(message, False, None)  # a gap: pysyncobj asks for what follows our log
+    if held_term != message.get("prevLogTerm"):
+        cut = previous_index if previous_index > commit_index else None
+        return AppendDecision(message, False, cut)
     entries = list(message.get("entries", ()))
     for offset, (_command, index, _term) in enumerate(entries):
         if index != previous_index + 1 + offset:
-            return message, False  # not consecutive: leave the message to pysyncobj unchanged
+            return AppendDecision(message, False, None)  # not consecutive: leave the message to pysyncobj
     matching = 0
     while matching < len(entries) and term_at(entries[matching][1]) == entries[matching][2]:
         matching += 1
@@ -144,7 +166,7 @@ def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None]
     last_matching_index = previous_index + len(entries)
     if isinstance(message.get("commit_index"), int):
         reconciled["commit_index"] = min(message["commit_index"], last_matching_index)
-    return reconciled, matching == len(entries)
+    return AppendDecision(reconciled, matching == len(entries), None)
 
 
 class _LedgerSyncObj(SyncObj):
@@ -179,7 +201,12 @@ class _LedgerSyncObj(SyncObj):
             for command, _index, _term in message.get("entries", ()):
                 if command[:1] == command_type_regular:
                     self._owner._events.prefetch(command[1:])
-            message, self._keep_log_suffix = reconcile_append_entries(message, self._owner._journal.term_at)
+            decision = reconcile_append_entries(message, self._owner._journal.term_at, self.raftCommitIndex)
+            if decision.cut_from_index is not None:
+                logger.warning("raft: our entries from index %d conflict with leader %s's log; cutting them",
+                               decision.cut_from_index, node)
+                SyncObj._SyncObj__deleteEntriesFrom(self, decision.cut_from_index)
+            message, self._keep_log_suffix = decision.message, decision.keep_log_suffix
         try:
             SyncObj._SyncObj__onMessageReceived(self, node, message)
         finally:
