@@ -219,12 +219,12 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
     return record
 
 
-# Written at random places by every transfer (history and the transaction-hash index are keyed by account
-# and by hash); the rest of the state is appended to, or read near its end.
 # A node that is behind replays its missing entries before it reports ready; with a state of many GiB
 # that can take minutes.
 start_seconds_max = 900
 
+# Written at random places by every transfer (history and the transaction-hash index are keyed by account
+# and by hash); the rest of the state is appended to, or read near its end.
 randomly_written_databases = ("accounts", "history", "hashes")
 
 

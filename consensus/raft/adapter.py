@@ -137,7 +137,7 @@ def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None]
        prevLogIdx", but the leader has already streamed the rest of its log behind that append, and each of
        those appends, past our log's end, answers "retry from our last index + 1", undoing the step back: a
        deposed leader with an uncommitted suffix never finds where its log matches (docs/faults.md finding 2;
-       a stalled node of the scale run held 6 such entries for 15 minutes). Our entry at prevLogIdx differs
+       a validator of the scale run stalled 15 minutes on one such entry). Our entry at prevLogIdx differs
        from the current leader's, so it was never committed (the leader holds every committed entry): we cut
        the log there, and every answer to the stream then says "retry from prevLogIdx". Never at or below
        our own commit index.
