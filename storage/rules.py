@@ -718,6 +718,7 @@ class _Context:
         credit = get_account(self.transaction, issuance_account(signer.id, body.currency))
         if credit is None:
             raise _Rejected("currency_not_found")
+        self._require_usable(debit, "debit")
         return self._post_plain(debit, credit, body.id, body.amount, "redeem")
 
     def _post_plain(self, debit: AccountRecord, credit: AccountRecord, transfer_id: bytes, amount: int, event: str) -> int:

@@ -425,6 +425,21 @@ def test_redeeming_takes_money_out_of_circulation(ledger, network):
     assert after == {"issued": before["issued"] - 4_000_000, "held": before["held"] - 4_000_000, "net": 0}
 
 
+def test_a_frozen_settlement_account_takes_no_issue_and_gives_no_redemption(ledger, network):
+    sign = network.sign
+    def money() -> dict:
+        balance = ledger.balance("settlement.khr@acleda")
+        return {field: balance[field] for field in ("debits_posted", "credits_posted", "balance")}
+
+    before = money()
+    assert ledger.results(sign(FreezeAccount("settlement.khr@acleda"), "nbc")) == ["ok"]
+    assert ledger.results(sign(Issue(tid(93), "settlement.khr@acleda", 1_000, "KHR"), "nbc")) == ["credit_account_frozen"]
+    assert ledger.results(sign(Redeem(tid(94), "settlement.khr@acleda", 1_000, "KHR"), "nbc")) == ["debit_account_frozen"]
+    assert money() == before
+    assert ledger.results(sign(UnfreezeAccount("settlement.khr@acleda"), "nbc")) == ["ok"]
+    assert ledger.results(sign(Redeem(tid(95), "settlement.khr@acleda", 1_000, "KHR"), "nbc")) == ["ok"]
+
+
 # Queries ------------------------------------------------------------------------------------------------
 
 
