@@ -121,7 +121,9 @@ class AppendDecision:
     cut_from_index: int | None  # our entry at prevLogIdx conflicts with the leader's: cut from there first
 
 
-def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None], commit_index: int) -> AppendDecision:
+def reconcile_append_entries(
+    message: dict, term_at: Callable[[int], int | None], commit_index: int, current_term: int
+) -> AppendDecision:
     """Raft's receiver rule for an append_entries message, which pysyncobj does not follow.
 
     1. pysyncobj cuts its log after prevLogIdx on every append (syncobj.py, "truncating already-applied log
@@ -140,10 +142,12 @@ def reconcile_append_entries(message: dict, term_at: Callable[[int], int | None]
        a validator of the scale run stalled 15 minutes on one such entry). Our entry at prevLogIdx differs
        from the current leader's, so it was never committed (the leader holds every committed entry): we cut
        the log there, and every answer to the stream then says "retry from prevLogIdx". Never at or below
-       our own commit index.
+       our own commit index, and only for a leader of our term or a later one: a deposed leader's late
+       append says nothing about what is committed (pysyncobj ignores it too).
     """
     previous_index = message.get("prevLogIdx")
-    if previous_index is None or "transmission" in message:
+    term = message.get("term")
+    if previous_index is None or "transmission" in message or not isinstance(term, int) or term < current_term:
         return AppendDecision(message, False, None)
     held_term = term_at(previous_index)
     if held_term is None:
@@ -201,7 +205,9 @@ class _LedgerSyncObj(SyncObj):
             for command, _index, _term in message.get("entries", ()):
                 if command[:1] == command_type_regular:
                     self._owner._events.prefetch(command[1:])
-            decision = reconcile_append_entries(message, self._owner._journal.term_at, self.raftCommitIndex)
+            decision = reconcile_append_entries(
+                message, self._owner._journal.term_at, self.raftCommitIndex, self.raftCurrentTerm
+            )
             if decision.cut_from_index is not None:
                 logger.warning("raft: our entries from index %d conflict with leader %s's log; cutting them",
                                decision.cut_from_index, node)

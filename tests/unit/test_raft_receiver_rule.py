@@ -7,6 +7,7 @@ from consensus.raft.adapter import reconcile_append_entries
 # Our log: indexes 1..10, term 1 up to 6 and term 2 after; 5 is our commit index.
 held_terms = {index: (1 if index <= 6 else 2) for index in range(1, 11)}
 commit_index = 5
+current_term = 3
 
 
 def _append(previous_index, previous_term, entries, commit_index):
@@ -19,7 +20,7 @@ def _entries(first, terms):
 
 
 def _decide(message):
-    return reconcile_append_entries(message, held_terms.get, commit_index)
+    return reconcile_append_entries(message, held_terms.get, commit_index, current_term)
 
 
 def test_a_resend_of_held_entries_leaves_nothing_to_write_and_keeps_the_log():
@@ -78,3 +79,11 @@ def test_non_consecutive_entries_are_left_to_pysyncobj():
     message = _append(4, 1, [(b"\x00a", 5, 1), (b"\x00b", 7, 2)], commit_index=7)
     decision = _decide(message)
     assert decision.message is message and decision.keep_log_suffix is False
+
+
+def test_an_append_from_a_deposed_leader_changes_nothing():
+    # Our entries past the commit index may be committed by the current leader without our knowing yet; an
+    # older leader's log need not hold them, so its late append must not cut them.
+    message = dict(_append(8, 1, _entries(9, [1]), commit_index=9), term=current_term - 1)
+    decision = _decide(message)
+    assert decision.message is message and decision.keep_log_suffix is False and decision.cut_from_index is None
