@@ -135,6 +135,17 @@ def _record(phase: Phase, results: list[dict[str, Any]], latency: float) -> None
             phase.failed[reason] = phase.failed.get(reason, 0) + 1
 
 
+async def _submit(phase: Phase, client: AsyncClient, entries: list[bytes]) -> None:
+    """One request: its results and latency go into `phase`, or, refused, its entries count as failed."""
+    started = time.perf_counter()
+    try:
+        results = await client.submit(entries)
+    except ClientError as error:
+        phase.failed[error.code] = phase.failed.get(error.code, 0) + len(entries)
+        return
+    _record(phase, results, time.perf_counter() - started)
+
+
 async def closed_loop(addresses: list[str], workload: Workload, seconds: float, batch: int, in_flight: int, name: str) -> Phase:
     phase = Phase(name)
     clients = [AsyncClient(address) for address in addresses]
@@ -144,14 +155,7 @@ async def closed_loop(addresses: list[str], workload: Workload, seconds: float, 
     async def worker(number: int) -> None:
         client = clients[number % len(clients)]
         while time.monotonic() < end:
-            entries = workload.take(batch)
-            started = time.perf_counter()
-            try:
-                results = await client.submit(entries)
-            except ClientError as error:
-                phase.failed[error.code] = phase.failed.get(error.code, 0) + len(entries)
-                continue
-            _record(phase, results, time.perf_counter() - started)
+            await _submit(phase, client, workload.take(batch))
 
     async def tick() -> None:
         for _ in range(int(seconds)):
@@ -177,15 +181,6 @@ async def open_loop(address: str, workload: Workload, seconds: float, rate: floa
     carry = 0.0
     progress = Progress(int(seconds), f"{name:<9}")
 
-    async def one(entries: list[bytes]) -> None:
-        started = time.perf_counter()
-        try:
-            results = await client.submit(entries)
-        except ClientError as error:
-            phase.failed[error.code] = phase.failed.get(error.code, 0) + len(entries)
-            return
-        _record(phase, results, time.perf_counter() - started)
-
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     next_tick = time.monotonic()
@@ -196,7 +191,7 @@ async def open_loop(address: str, workload: Workload, seconds: float, rate: floa
         count = int(carry)
         carry -= count
         if count:
-            task = loop.create_task(one(workload.take(count)))
+            task = loop.create_task(_submit(phase, client, workload.take(count)))
             pending.add(task)
             task.add_done_callback(pending.discard)
         next_tick += open_loop_tick_seconds
@@ -217,14 +212,7 @@ async def one_in_flight(address: str, workload: Workload, seconds: float) -> Pha
     end = time.monotonic() + seconds
     started = time.perf_counter()
     while time.monotonic() < end:
-        entries = workload.take(1)
-        began = time.perf_counter()
-        try:
-            results = await client.submit(entries)
-        except ClientError as error:
-            phase.failed[error.code] = phase.failed.get(error.code, 0) + 1
-            continue
-        _record(phase, results, time.perf_counter() - began)
+        await _submit(phase, client, workload.take(1))
     phase.seconds = time.perf_counter() - started
     client.close()
     return phase

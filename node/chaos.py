@@ -993,6 +993,13 @@ class Nemesis:
                 self._statuses(self._cluster.nodes)
             time.sleep(max(0.0, min(probe_interval_seconds, deadline - time.monotonic())))
 
+    def _watch_exit(self, target: str, seen: dict[str, Any]) -> None:
+        """One probe of the network that also records `target`'s exit code in `seen` once it has one."""
+        self._statuses(self._cluster.nodes)
+        code = self._cluster.exit_code(target)
+        if code is not None:
+            seen["exit_code"] = code
+
     def _record(self, plan: FaultPlan, targets: Sequence[str], started: float, happened: bool,
                 evidence: Mapping[str, Any]) -> FaultRecord:
         healed = self._run.clock()
@@ -1160,10 +1167,7 @@ class Nemesis:
 
         def probe() -> None:
             seen["ballast_bytes"] = disk.fill()
-            self._statuses(self._cluster.nodes)
-            code = self._cluster.exit_code(target)
-            if code is not None:
-                seen["exit_code"] = code
+            self._watch_exit(target, seen)
 
         self._hold(plan.duration_seconds, probe)
         disk.drain()
@@ -1189,13 +1193,7 @@ class Nemesis:
         self._cluster.start([target])
         seen: dict[str, Any] = {"probability": fsync_failure_probability}
 
-        def probe() -> None:
-            self._statuses(self._cluster.nodes)
-            code = self._cluster.exit_code(target)
-            if code is not None:
-                seen["exit_code"] = code
-
-        self._hold(plan.duration_seconds, probe)
+        self._hold(plan.duration_seconds, lambda: self._watch_exit(target, seen))
         del self._cluster.node_environment[target]
         text = self._cluster.log_since(target, offset)
         # The journal names its failed fdatasync; LMDB reports the same EIO from its commit.
@@ -1224,13 +1222,7 @@ class Nemesis:
         offset = self._cluster.log_size(target)
         self._cluster.start([target])
 
-        def probe() -> None:
-            self._statuses(self._cluster.nodes)
-            code = self._cluster.exit_code(target)
-            if code is not None:
-                seen["exit_code"] = code
-
-        self._hold(plan.duration_seconds, probe)
+        self._hold(plan.duration_seconds, lambda: self._watch_exit(target, seen))
         text = self._cluster.log_since(target, offset)
         seen["line"] = _first_line_with(text, detection)
         # A follower that fell behind a log compaction installs a snapshot, which replaces every record
