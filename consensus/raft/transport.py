@@ -881,8 +881,9 @@ class SecureTransport(Transport):
     def _refuse_handshake(
         self, connection: _Connection, reason: HandshakeRefusalReason, detail: str
     ) -> None:
-        self._close(connection)
+        # Counted before the close: whoever sees the connection closed finds the refusal already counted.
         self._report_handshake_refusal(reason, connection.remote, detail)
+        self._close(connection)
 
     def _report_handshake_refusal(
         self, reason: HandshakeRefusalReason, remote: str, detail: str
@@ -899,13 +900,13 @@ class SecureTransport(Transport):
         self, connection: _Connection, reason: FrameRefusalReason, detail: str
     ) -> None:
         peer = connection.peer_name or connection.remote
-        self._close(connection)
         self._refusal_log.warning(
             (reason, peer),
             "raft transport %s: frame from %s refused (%s): %s",
             self._identity.name, peer, reason, detail,
         )
         self._observer.frame_refused(peer, reason)
+        self._close(connection)  # after counting, as in _refuse_handshake
 
     def _drop(
         self, connection: _Connection, message_type: str, reason: DropReason, detail: str
