@@ -60,11 +60,15 @@ def _parse_entry(fields: object) -> RaftEntry:
     return (fields[0], fields[1], fields[2])
 
 
-def write_snapshot(path: Path, store: LedgerStore, header: SnapshotHeader) -> None:
-    """Write header + a compact copy of the LMDB environment + a digest over both, then fsync."""
+def write_snapshot(path: Path, store: LedgerStore, header: SnapshotHeader, as_of: StateTransaction | None = None) -> None:
+    """Write header + a compact copy of the LMDB environment + a digest over both, then fsync.
+
+    `as_of` is the read transaction the header's applied index and state hash were read from, so the image
+    is exactly the state the header describes while the apply goes on writing.
+    """
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".snapshot-") as scratch:
         image_directory = Path(scratch)
-        store.copy_to(image_directory)
+        store.copy_to(image_directory, as_of)
         image = image_directory / "data.mdb"
         encoded_header = pack(
             [

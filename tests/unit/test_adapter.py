@@ -14,7 +14,9 @@ from config.schema import Address, Currency, Genesis, Institution, NodeRole, Nod
 from consensus.batch import Batch, encode_batch
 from consensus.entries import OpenAccount, sign_entry, signature_is_valid
 from consensus.raft import journal as journal_module
+from consensus.raft import adapter as adapter_module
 from consensus.raft.adapter import RaftEvents, RaftNode
+from consensus.raft.snapshot import read_header
 from consensus.raft.transport import SecureTransport
 from storage.rules import initialize
 from storage.state import LedgerStore
@@ -35,9 +37,15 @@ raft = RaftConfig(
 class _Events(RaftEvents):
     def __init__(self) -> None:
         self.applied_indexes: list[int] = []
+        self.apply_allowed = threading.Event()  # cleared by a test to hold this node's apply
+        self.apply_allowed.set()
 
     def applied(self, batch, apply_seconds) -> None:
         self.applied_indexes.append(batch.index)
+
+    def before_apply(self, batch_bytes: bytes) -> None:
+        if not self.apply_allowed.wait(wait_seconds):
+            raise AssertionError("the test never released the apply")
 
     def fatal(self, message: str) -> None:
         raise AssertionError(message)
@@ -105,6 +113,8 @@ def network(tmp_path: Path, monkeypatch):
         stores.append(store)
         events.append(event_sink)
     yield nodes, stores, events, sends, genesis, institution_key
+    for sink in events:
+        sink.apply_allowed.set()
     for node in nodes:
         try:
             node.destroy()
@@ -247,3 +257,81 @@ def test_a_deposed_leader_with_uncommitted_entries_finds_where_its_log_matches_a
     assert old._journal.last_index > stores[nodes.index(old)].summary().applied_index, "the old leader holds no suffix"
     isolated[0] = False
     _wait(lambda: len({store.summary() for store in stores}) == 1, "the old leader to catch up with the same state")
+
+
+def _propose_accounts(leader: RaftNode, genesis, key, names: list[str]) -> int:
+    """Propose one batch per name; returns the leader's log index of the last, once it is in the log."""
+    first = leader._journal.last_index + 1
+    for name in names:
+        entry = sign_entry(OpenAccount(f"{name}@nbc", "KHR"), cluster_id=genesis.cluster_id, signer="nbc", signing_key=key)
+        leader.propose(encode_batch(Batch(1, None, (entry,))), lambda committed, reason: None)
+    last = first + len(names) - 1
+    _wait(lambda: leader._journal.last_index >= last, "the leader to append the proposals")
+    return last
+
+
+def test_the_leader_goes_on_committing_while_its_apply_is_held(network):
+    """pysyncobj applies on its tick thread, between counting acknowledgements and sending the next append:
+    a slow apply used to stop replication. The apply thread takes it off that path."""
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    leader_store = stores[nodes.index(leader)]
+    events[nodes.index(leader)].apply_allowed.clear()
+    held_at = leader_store.summary().applied_index
+    target = _propose_accounts(leader, genesis, key, [f"held{number}" for number in range(10)])
+    _wait(lambda: leader._syncobj.raftCommitIndex >= target, "the leader to commit while its apply is held")
+    assert leader_store.summary().applied_index <= held_at + 1, "the held apply went on"
+    followers = [store for store in stores if store is not leader_store]
+    _wait(lambda: all(store.summary().applied_index >= target for store in followers), "the followers to apply")
+    events[nodes.index(leader)].apply_allowed.set()
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+
+
+def test_a_snapshot_waits_for_the_apply_so_the_journal_never_drops_an_unapplied_entry(network):
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    follower = next(node for node in nodes if node is not leader)
+    follower_store, follower_events = stores[nodes.index(follower)], events[nodes.index(follower)]
+    follower_events.apply_allowed.clear()
+    target = _propose_accounts(leader, genesis, key, [f"snap{number}" for number in range(8)])
+    _wait(lambda: follower._syncobj.raftLastApplied >= target, "the follower to hand the entries to its apply")
+    assert follower_store.summary().applied_index < target
+    follower._syncobj.forceLogCompaction()
+    threading.Timer(0.5, follower_events.apply_allowed.set).start()
+    _wait(lambda: follower._snapshot_path.exists(), "the follower to write a snapshot")
+    header, _offset, _length = read_header(follower._snapshot_path)
+    assert header.last_entry[1] >= target - 1
+    assert header.applied_index >= header.last_entry[1], "the snapshot claims entries the state does not hold"
+
+
+def test_the_leader_goes_on_committing_while_it_writes_a_snapshot_and_keeps_its_journal_until_written(network, monkeypatch):
+    """pysyncobj writes snapshots on its tick thread: every node compacts at the same index, and the leader
+    stepped down while it copied its state. The write now runs on a thread of its own."""
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    _propose_accounts(leader, genesis, key, [f"before{number}" for number in range(5)])
+    writing, release = threading.Event(), threading.Event()
+    real_write = adapter_module.write_snapshot
+
+    def held_write(*arguments, **keywords):
+        writing.set()
+        if not release.wait(wait_seconds):
+            raise AssertionError("the test never released the snapshot write")
+        return real_write(*arguments, **keywords)
+
+    monkeypatch.setattr(adapter_module, "write_snapshot", held_write)
+    first_before = leader._journal[0][1]
+    leader._syncobj.forceLogCompaction()
+    try:
+        assert writing.wait(wait_seconds), "no snapshot write started"
+        target = _propose_accounts(leader, genesis, key, [f"during{number}" for number in range(5)])
+        _wait(lambda: leader._syncobj.raftCommitIndex >= target, "the leader to commit while its snapshot is written")
+        assert leader.is_leader()
+        assert leader._journal[0][1] == first_before, "the journal was compacted before the snapshot was written"
+    finally:
+        release.set()
+    _wait(lambda: leader._journal[0][1] > first_before, "the journal to be compacted once the snapshot is written")
+    header, _offset, _length = read_header(leader._snapshot_path)
+    assert header.applied_index >= header.last_entry[1]
+    assert leader._journal[0][1] <= header.last_entry[1], "the journal lost entries the snapshot does not hold"
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")

@@ -1,0 +1,144 @@
+"""Committed Raft entries applied in order on a thread of their own, fed through a bounded queue.
+
+pysyncobj applies committed entries on its tick thread, between counting acknowledgements and sending the next
+append_entries: while a batch is applied (its transfers, then LMDB's fsync) the leader sends nothing and a
+follower reads nothing, so every batch waits for the apply of the one before it. Handing committed entries to
+this thread lets the tick thread go on replicating while the previous batch is applied, and lets the journal's
+fsync and LMDB's fsync (both release the GIL) overlap. The queue is bounded: when the apply falls
+`queue_entries_max` entries behind, the tick thread waits, so replication never runs unboundedly ahead of the
+state.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+# Committed entries (batches) handed to the apply and not yet applied. At most one batch is about 1 MiB, so the
+# queue holds at most this many MiB of commands; the readiness check (node/server.py apply_lag_entries_max)
+# allows the same lag.
+apply_queue_entries_max = 64
+# How often a blocked producer or a drain looks again whether the apply thread is still alive.
+liveness_poll_seconds = 0.5
+
+
+class ApplyStopped(RuntimeError):
+    """The apply thread is gone (its apply raised, or it was stopped): nothing more will be applied."""
+
+
+class ApplyThread:
+    """One consumer thread applying `(index, command)` pairs in the order they were handed over.
+
+    `apply` runs only on this thread. If it raises, the thread records the error and stops taking entries;
+    every later `hand` or `drain` raises ApplyStopped instead of waiting forever. The caller's `apply` is
+    expected to stop the process on failure first (RaftNode._apply calls the node's fatal handler).
+    """
+
+    def __init__(self, apply: Callable[[int, bytes], None], *, queue_entries_max: int = apply_queue_entries_max,
+                 name: str = "tonle-apply") -> None:
+        if queue_entries_max < 1:
+            raise ValueError("queue_entries_max must be at least 1")
+        self._apply = apply
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=queue_entries_max)
+        self._condition = threading.Condition()
+        self._unfinished = 0  # handed over and not yet applied
+        self._last_applied_index = 0
+        self._failure: BaseException | None = None
+        self._stopping = False
+        # (index, function) to call once that index is applied; at most one per entry handed over.
+        self._after_applied: list[tuple[int, Callable[[], None]]] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def last_applied_index(self) -> int:
+        """The index of the last entry this thread finished applying (0 before the first)."""
+        return self._last_applied_index
+
+    @property
+    def unfinished(self) -> int:
+        return self._unfinished
+
+    def hand(self, index: int, command: bytes) -> None:
+        """Queue a committed entry. Blocks while the queue is full; raises ApplyStopped if the thread is gone."""
+        with self._condition:
+            self._raise_if_stopped()
+            self._unfinished += 1
+        while True:
+            try:
+                self._queue.put((index, command), timeout=liveness_poll_seconds)
+                return
+            except queue.Full:
+                with self._condition:
+                    if self._failure is not None or self._stopping or not self._thread.is_alive():
+                        self._unfinished -= 1
+                        self._raise_if_stopped()
+
+    def after_applied(self, index: int, function: Callable[[], None]) -> None:
+        """Call `function` (on the apply thread, or here if already done) once `index` is applied. Never called
+        if the thread stops first: callers must not depend on it for correctness."""
+        with self._condition:
+            if self._last_applied_index < index:
+                self._after_applied.append((index, function))
+                return
+        function()
+
+    def drain(self) -> None:
+        """Wait until every entry handed over so far is applied (snapshots must cover the applied state)."""
+        with self._condition:
+            while self._unfinished:
+                if self._failure is not None or not self._thread.is_alive():
+                    self._raise_if_stopped()
+                self._condition.wait(liveness_poll_seconds)
+
+    def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until `condition()` holds, looking again after every apply (a snapshot waits for its index)."""
+        with self._condition:
+            while not condition():
+                if self._failure is not None or not self._thread.is_alive():
+                    self._raise_if_stopped()
+                self._condition.wait(liveness_poll_seconds)
+
+    def stop(self, timeout_seconds: float) -> bool:
+        """Apply what is queued, then end the thread. False if it did not end within `timeout_seconds`."""
+        with self._condition:
+            self._stopping = True
+        if self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=timeout_seconds)
+            except queue.Full:
+                return False
+        self._thread.join(timeout_seconds)
+        return not self._thread.is_alive()
+
+    def _raise_if_stopped(self) -> None:
+        if self._failure is not None:
+            raise ApplyStopped(f"the apply thread stopped: {self._failure!r}") from self._failure
+        if self._stopping:
+            raise ApplyStopped("the apply thread is stopping")
+        if not self._thread.is_alive():
+            raise ApplyStopped("the apply thread is not running")
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            index, command = item
+            try:
+                self._apply(index, command)
+            except BaseException as error:  # noqa: BLE001 - recorded so producers stop waiting, then the thread ends
+                with self._condition:
+                    self._failure = error
+                    self._condition.notify_all()
+                return
+            with self._condition:
+                self._unfinished -= 1
+                self._last_applied_index = index
+                self._condition.notify_all()
+                due = [function for at, function in self._after_applied if at <= index]
+                if due:
+                    self._after_applied = [(at, function) for at, function in self._after_applied if at > index]
+            for function in due:
+                function()

@@ -1,0 +1,145 @@
+"""The apply thread: order, the bound on its queue, draining, and what happens when an apply fails."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from consensus.raft.apply_thread import ApplyStopped, ApplyThread, apply_queue_entries_max
+
+wait_seconds = 10.0
+
+
+def _wait(condition, what: str) -> None:
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class _HeldApply:
+    """An apply that records what it is given and waits while `hold` is clear."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[int, bytes]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+
+    def __call__(self, index: int, command: bytes) -> None:
+        self.started.set()
+        if not self.release.wait(wait_seconds):
+            raise AssertionError("the test never released the apply")
+        self.applied.append((index, command))
+
+
+def test_entries_apply_once_each_in_the_order_they_were_handed_over():
+    apply = _HeldApply()
+    thread = ApplyThread(apply, queue_entries_max=4)
+    for index in range(1, 101):
+        thread.hand(index, index.to_bytes(2, "big"))
+    thread.drain()
+    assert apply.applied == [(index, index.to_bytes(2, "big")) for index in range(1, 101)]
+    assert thread.last_applied_index == 100
+    assert thread.stop(wait_seconds)
+
+
+def test_handing_over_more_than_the_queue_holds_waits_for_the_apply():
+    apply = _HeldApply()
+    apply.release.clear()
+    limit = 3
+    thread = ApplyThread(apply, queue_entries_max=limit)
+    thread.hand(1, b"first")  # taken by the thread, which now waits inside the apply
+    assert apply.started.wait(wait_seconds)
+    for index in range(2, 2 + limit):
+        thread.hand(index, b"queued")  # fills the queue
+    handed_over = threading.Event()
+
+    def hand_one_more() -> None:
+        thread.hand(2 + limit, b"over the limit")
+        handed_over.set()
+
+    producer = threading.Thread(target=hand_one_more)
+    producer.start()
+    assert not handed_over.wait(0.3), "a full queue took one more entry"
+    apply.release.set()
+    assert handed_over.wait(wait_seconds)
+    producer.join(wait_seconds)
+    thread.drain()
+    assert [index for index, _ in apply.applied] == list(range(1, 3 + limit))
+    assert thread.stop(wait_seconds)
+
+
+def test_the_default_queue_bound_is_the_readiness_checks_apply_lag():
+    from node.server import apply_lag_entries_max
+
+    assert apply_queue_entries_max <= apply_lag_entries_max
+
+
+def test_drain_returns_only_when_everything_handed_over_is_applied():
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=8)
+    for index in range(1, 6):
+        thread.hand(index, b"x")
+    drained = threading.Event()
+    drainer = threading.Thread(target=lambda: (thread.drain(), drained.set()))
+    drainer.start()
+    assert not drained.wait(0.3), "drain returned while entries were unapplied"
+    apply.release.set()
+    assert drained.wait(wait_seconds)
+    assert len(apply.applied) == 5
+    drainer.join(wait_seconds)
+    assert thread.stop(wait_seconds)
+
+
+def test_a_failed_apply_makes_handing_over_and_draining_raise_instead_of_waiting_forever():
+    def failing_apply(index: int, command: bytes) -> None:
+        if index == 2:
+            raise RuntimeError("disk gone")
+
+    thread = ApplyThread(failing_apply, queue_entries_max=2)
+    thread.hand(1, b"ok")
+    thread.hand(2, b"fails")
+    with pytest.raises(ApplyStopped, match="disk gone"):
+        thread.drain()
+    with pytest.raises(ApplyStopped):
+        for index in range(3, 10):  # more than the queue holds: must raise, not block
+            thread.hand(index, b"after the failure")
+    assert thread.last_applied_index == 1
+
+
+def test_stop_applies_what_is_queued_then_ends_the_thread():
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=8)
+    for index in range(1, 5):
+        thread.hand(index, b"x")
+    threading.Timer(0.1, apply.release.set).start()
+    assert thread.stop(wait_seconds)
+    assert [index for index, _ in apply.applied] == [1, 2, 3, 4]
+    with pytest.raises(ApplyStopped):
+        thread.hand(5, b"after stop")
+
+
+def test_a_function_waiting_for_an_index_runs_once_that_index_is_applied_and_not_before():
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=8)
+    calls: list[str] = []
+    for index in range(1, 4):
+        thread.hand(index, b"x")
+    thread.after_applied(2, lambda: calls.append(f"after 2, applied {len(apply.applied)}"))
+    time.sleep(0.2)
+    assert calls == []
+    apply.release.set()
+    thread.drain()
+    _wait(lambda: calls, "the function to run")
+    assert calls == ["after 2, applied 2"]
+    thread.after_applied(1, lambda: calls.append("already applied"))  # runs at once, on this thread
+    assert calls[-1] == "already applied"
+    assert thread.stop(wait_seconds)
