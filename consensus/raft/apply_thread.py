@@ -11,9 +11,12 @@ state.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
+
+logger = logging.getLogger("tonle.raft")
 
 # Committed entries (batches) handed to the apply and not yet applied. At most one batch is about 1 MiB, so the
 # queue holds at most this many MiB of commands; the readiness check (node/server.py apply_lag_entries_max)
@@ -31,7 +34,7 @@ class ApplyThread:
     """One consumer thread applying `(index, command)` pairs in the order they were handed over.
 
     `apply` runs only on this thread. If it raises, the thread records the error and stops taking entries;
-    every later `hand` or `drain` raises ApplyStopped instead of waiting forever. The caller's `apply` is
+    every later `hand`, `drain` or `wait_until` raises ApplyStopped instead of waiting forever. The caller's `apply` is
     expected to stop the process on failure first (RaftNode._apply calls the node's fatal handler).
     """
 
@@ -55,10 +58,6 @@ class ApplyThread:
     def last_applied_index(self) -> int:
         """The index of the last entry this thread finished applying (0 before the first)."""
         return self._last_applied_index
-
-    @property
-    def unfinished(self) -> int:
-        return self._unfinished
 
     def hand(self, index: int, command: bytes) -> None:
         """Queue a committed entry. Blocks while the queue is full; raises ApplyStopped if the thread is gone."""
@@ -141,4 +140,7 @@ class ApplyThread:
                 if due:
                     self._after_applied = [(at, function) for at, function in self._after_applied if at > index]
             for function in due:
-                function()
+                try:
+                    function()
+                except Exception:  # noqa: BLE001 - advisory callbacks must not stop the apply
+                    logger.exception("a callback waiting for index %d failed", index)
