@@ -37,6 +37,16 @@ class _HeldApply:
         self.applied.append((index, command))
 
 
+def _held_thread(entries: int, queue_entries_max: int = 8) -> tuple[ApplyThread, _HeldApply]:
+    """An apply thread whose apply is held, with entries 1..`entries` handed over."""
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=queue_entries_max)
+    for index in range(1, entries + 1):
+        thread.hand(index, b"x")
+    return thread, apply
+
+
 def test_entries_apply_once_each_in_the_order_they_were_handed_over():
     apply = _HeldApply()
     thread = ApplyThread(apply, queue_entries_max=4)
@@ -81,11 +91,7 @@ def test_the_default_queue_bound_is_the_readiness_checks_apply_lag():
 
 
 def test_drain_returns_only_when_everything_handed_over_is_applied():
-    apply = _HeldApply()
-    apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=8)
-    for index in range(1, 6):
-        thread.hand(index, b"x")
+    thread, apply = _held_thread(5)
     drained = threading.Event()
     drainer = threading.Thread(target=lambda: (thread.drain(), drained.set()))
     drainer.start()
@@ -114,11 +120,7 @@ def test_a_failed_apply_makes_handing_over_and_draining_raise_instead_of_waiting
 
 
 def test_stop_applies_what_is_queued_then_ends_the_thread():
-    apply = _HeldApply()
-    apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=8)
-    for index in range(1, 5):
-        thread.hand(index, b"x")
+    thread, apply = _held_thread(4)
     threading.Timer(0.1, apply.release.set).start()
     assert thread.stop(wait_seconds)
     assert [index for index, _ in apply.applied] == [1, 2, 3, 4]
@@ -127,12 +129,8 @@ def test_stop_applies_what_is_queued_then_ends_the_thread():
 
 
 def test_a_function_waiting_for_an_index_runs_once_that_index_is_applied_and_not_before():
-    apply = _HeldApply()
-    apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=8)
+    thread, apply = _held_thread(3)
     calls: list[str] = []
-    for index in range(1, 4):
-        thread.hand(index, b"x")
     thread.after_applied(2, lambda: calls.append(f"after 2, applied {len(apply.applied)}"))
     time.sleep(0.2)
     assert calls == []

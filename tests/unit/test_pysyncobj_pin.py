@@ -44,3 +44,20 @@ def test_the_internals_the_adapter_overrides_exist():
     # The apply index is raftLastApplied + 1 only because the counter is bumped after the apply returns.
     assert "res = self.__doApplyCommand(entry[0])" in source
     assert source.index("res = self.__doApplyCommand(entry[0])") < source.index("self.__raftLastApplied += 1")
+    # The proposer's callback gets what the apply returned (the adapter returns the index it handed over).
+    assert "callback(res, FAIL_REASON.SUCCESS)" in source
+
+
+def test_the_serializer_the_adapter_replaces_is_built_and_consulted_as_it_expects():
+    """consensus/raft/adapter.py routes pysyncobj's Serializer through a factory and writes snapshots on a
+    thread: it relies on SyncObj building the serializer by that module-level name, and on compaction
+    dropping the journal only once checkSerializing reports SUCCESS."""
+    from pysyncobj.serializer import Serializer
+
+    source = Path(pysyncobj.syncobj.__file__).read_text()
+    assert "self.__serializer = Serializer(self.__conf.fullDumpFile," in source
+    compaction = source[source.index("def __tryLogCompaction"):]
+    assert compaction.index("if serializeState == SERIALIZER_STATE.SUCCESS:") < compaction.index("self.__deleteEntriesTo(serializeID)")
+    assert compaction.index("self.__deleteEntriesTo(serializeID)") < compaction.index("if serializeState == SERIALIZER_STATE.FAILED:")
+    for name in ("serialize", "checkSerializing", "getTransmissionData", "setTransmissionData", "deserialize"):
+        assert callable(getattr(Serializer, name, None)), name
