@@ -113,3 +113,21 @@ def test_a_snapshot_whose_records_do_not_match_its_claimed_hash_installs_nothing
     with pytest.raises(StorageCorrupted):
         restore_from_snapshot(tmp_path / "lying.bin", target, network.genesis.cluster_id)
     assert target.summary() == before
+
+
+def test_a_snapshot_as_of_a_read_transaction_holds_that_state_while_the_apply_goes_on(tmp_path, network):
+    store = new_store(tmp_path / "a", network)
+    advance(store, network, 3)
+    with store.read() as transaction:
+        summary = transaction.summary()
+        advance(store, network, 5, first_id=200)  # the apply writes while the snapshot is taken
+        assert store.summary().applied_index > summary.applied_index
+        header = SnapshotHeader(network.genesis.cluster_id, (b"\x00last", summary.applied_index, 1),
+                                (b"\x00prev", summary.applied_index - 1, 1), ("127.0.0.1:7001",),
+                                summary.applied_index, summary.state_hash)
+        write_snapshot(tmp_path / "snapshot.bin", store, header, as_of=transaction)
+    target = new_store(tmp_path / "b", network)
+    _parsed, installed = restore_from_snapshot(tmp_path / "snapshot.bin", target, network.genesis.cluster_id)
+    assert installed
+    assert target.summary() == summary
+
