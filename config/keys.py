@@ -41,7 +41,8 @@ def write_secret_file(path: Path, content: bytes) -> None:
         # Never leave a half-written secret behind: the next attempt would refuse to overwrite it.
         path.unlink(missing_ok=True)
         raise
-    _sync_directory(path.parent)
+    # The new entry must survive a crash, or the node could restart without its identity.
+    sync_directory(path.parent)
 
 
 def load_signing_key(path: Path) -> SigningKey:
@@ -79,8 +80,8 @@ def _key_file_error(path: Path, message: str) -> ConfigError:
     return ConfigError((ConfigProblem(str(path), "", message),))
 
 
-def _sync_directory(directory: Path) -> None:
-    # The new directory entry must survive a crash, or the node could restart without its identity.
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so that a file created or renamed in it survives a crash."""
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(descriptor)

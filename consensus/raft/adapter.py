@@ -19,6 +19,7 @@ from pysyncobj.monotonic import monotonic as monotonic_time
 from pysyncobj.node import TCPNode
 from pysyncobj.serializer import Serializer
 
+from config.keys import sync_directory
 from config.schema import Genesis, NodeRole, NodeSpec, RaftConfig
 from consensus.entries import SignedEntry
 from consensus.raft.apply_thread import ApplyThread
@@ -141,7 +142,9 @@ class _BackgroundSnapshots(Serializer):
             if self._writer is not None:
                 return
             self._serialize_id, self._written = id, None
-            self._writer = threading.Thread(target=self._run, args=(tuple(data[1:]),), name="tonle-snapshot", daemon=True)
+            self._writer = threading.Thread(
+                target=self._run, args=(tuple(data[1:]),), name="tonle-snapshot", daemon=True
+            )
             self._writer.start()
 
     def _run(self, raft_data: tuple) -> None:
@@ -191,7 +194,9 @@ def _create_serializer(file_name, transmission_batch_bytes, use_fork, serializer
     if isinstance(owner, RaftNode):
         owner._snapshots = _BackgroundSnapshots(serializer, file_name, transmission_batch_bytes, deserializer)
         return owner._snapshots
-    return _original_serializer(file_name, transmission_batch_bytes, use_fork, serializer, deserializer, serialize_checker)
+    return _original_serializer(
+        file_name, transmission_batch_bytes, use_fork, serializer, deserializer, serialize_checker
+    )
 
 
 # Like createJournal: only a RaftNode's SyncObj gets the background writer.
@@ -488,7 +493,8 @@ class RaftNode:
         self._syncobj.destroy_synchronous()
         # A snapshot being written may wait for the apply thread: let it finish before that thread stops.
         if self._snapshots is not None and not self._snapshots.wait_for_write(apply_stop_seconds_max):
-            logger.error("a snapshot was still being written after %.0f s; it is left unfinished", apply_stop_seconds_max)
+            logger.error("a snapshot was still being written after %.0f s; it is left unfinished",
+                         apply_stop_seconds_max)
         # What is queued is committed and in the journal: applying it now only saves a replay at the next start.
         if not self._apply_thread.stop(apply_stop_seconds_max):
             logger.error("the apply thread did not finish within %.0f s; its entries replay at the next start",
@@ -584,11 +590,7 @@ class RaftNode:
             )
             write_snapshot(temporary, self._store, header, as_of=transaction)
         os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename must survive a crash before pysyncobj drops the journal
-        finally:
-            os.close(directory)
+        sync_directory(path.parent)  # the rename must survive a crash before pysyncobj drops the journal
         logger.info("wrote snapshot at raft index %d (state applied to %d)", last_entry[1], summary.applied_index)
 
     def _deserialize(self, file_name: str):
