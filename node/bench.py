@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nacl.signing import SigningKey
+from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.entries import Transfer, decode_entry, sign_entry, signature_is_valid
 from node import bench_raft
@@ -36,6 +37,8 @@ requests_in_flight = 8
 open_loop_tick_seconds = 0.01
 signature_sample = 20_000
 receipt_sample_transfers = 6_000
+# A node's /metrics answers in milliseconds; this bounds a scrape of a node too busy to answer.
+metrics_timeout_seconds = 10.0
 bench_amount_max = 1000
 # The bench network compacts its log where a node does by default, not every 5,000 entries as the test
 # harness does to exercise snapshots: a snapshot (a full copy of the state, written and fsynced on every node
@@ -238,6 +241,28 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+def _thread_cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, str], float]:
+    """`tonle_thread_cpu_seconds_total` summed over the network's nodes, by (thread, mode)."""
+    totals: dict[tuple[str, str], float] = {}
+    for name in cluster.nodes:
+        _code, text = cluster.admin_get(name, "/metrics", timeout_seconds=metrics_timeout_seconds)
+        for family in text_string_to_metric_families(text):
+            if family.name == "tonle_thread_cpu_seconds":
+                for sample in family.samples:
+                    key = (sample.labels["thread"], sample.labels["mode"])
+                    totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _per_transfer_by_thread(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], transfers: int) -> dict[str, dict[str, float]]:
+    """Microseconds of CPU per committed transfer, all nodes together, by thread and mode."""
+    document: dict[str, dict[str, float]] = {}
+    for (thread, mode), seconds in sorted(after.items()):
+        used = seconds - before.get((thread, mode), 0.0)
+        document.setdefault(thread, {})[mode] = round(used / max(1, transfers) * 1e6, 1)
+    return document
+
+
 def _batch_bytes_mean(cluster: LocalCluster, leader: str) -> float:
     _code, text = cluster.admin_get(leader, "/metrics")
     count = total = 0.0
@@ -289,6 +314,7 @@ def receipt_cost(directory: Path) -> dict[str, float]:
                 with store.write() as transaction:
                     apply_batch(transaction, index, encode_batch(Batch(1, None, tuple(setup[start : start + 250]))), lambda _: True, genesis.cluster_id)
             cpu = 0.0
+            written_before = _bytes_written()
             for start in range(0, len(transfers), 250):
                 index += 1
                 raw = encode_batch(Batch(2 + start, None, tuple(transfers[start : start + 250])))
@@ -296,9 +322,20 @@ def receipt_cost(directory: Path) -> dict[str, float]:
                 with store.write() as transaction:
                     apply_batch(transaction, index, raw, lambda _: True, genesis.cluster_id, receipts=receipts)
                 cpu += time.process_time() - began
+            if receipts:
+                results["bytes_written"] = (_bytes_written() - written_before) / len(transfers)
             store.close()
             results["with" if receipts else "without"] = cpu / len(transfers)
-    return {"apply_cpu_seconds_with_receipts": results["with"], "apply_cpu_seconds_without_receipts": results["without"]}
+    return {"apply_cpu_seconds_with_receipts": results["with"], "apply_cpu_seconds_without_receipts": results["without"],
+            "apply_bytes_written_per_transfer": results["bytes_written"]}
+
+
+def _bytes_written() -> int:
+    """Bytes this process has handed to write system calls (LMDB writes its dirty pages with pwrite)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no wchar line")
 
 
 # The run ----------------------------------------------------------------------------------------------
@@ -328,14 +365,17 @@ def run_bench(directory: Path, *, validators: int, duration_seconds: float, acco
         leader = cluster.wait_for_leader()
         address = cluster.nodes[leader].client_address
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid}
+        threads_before = _thread_cpu_seconds(cluster)
         cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         peak = asyncio.run(closed_loop([address], workload, peak_seconds, request_entries, requests_in_flight, "peak"))
         cpu_used = sum(_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
+        threads_after = _thread_cpu_seconds(cluster)
         document["transfers_per_second"] = round(peak.per_second, 1)
         document["ratio_to_signature_ceiling"] = round(peak.per_second / signatures["per_second"], 3)
         document["peak"] = {"acknowledged": peak.acknowledged, "failed": peak.failed, "seconds": round(peak.seconds, 2),
                             "request_latency_ms": peak.latency_ms()}
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
+        document["node_cpu_microseconds_per_transfer_by_thread"] = _per_transfer_by_thread(threads_before, threads_after, peak.acknowledged)
         batch_bytes = _batch_bytes_mean(cluster, leader)
         latency: dict[str, Any] = {}
         single = asyncio.run(one_in_flight(address, workload, latency_seconds))
@@ -363,7 +403,14 @@ def run_bench(directory: Path, *, validators: int, duration_seconds: float, acco
         "apply_microseconds_without": round(costs["apply_cpu_seconds_without_receipts"] * 1e6, 1),
         "share_of_cost_per_committed_transfer": round(added / (document["node_cpu_microseconds_per_transfer"] / 1e6), 3),
     }
+    # Dirty LMDB pages a transfer costs one node: what its fsync writes, and what grows with the state.
+    document["apply_bytes_written_per_transfer"] = round(costs["apply_bytes_written_per_transfer"])
     return document
+
+
+def _by_thread(by_thread: dict[str, dict[str, float]]) -> str:
+    shown = sorted(((sum(modes.values()), thread, modes.get("system", 0.0)) for thread, modes in by_thread.items()), reverse=True)
+    return ", ".join(f"{thread} {total:,.0f} us (sys {system:,.0f})" for total, thread, system in shown if total >= 1)
 
 
 def render(document: dict[str, Any]) -> str:
@@ -373,6 +420,8 @@ def render(document: dict[str, Any]) -> str:
         ("Tonle committed transfers", f"{document['transfers_per_second']:,.0f}/s",
          f"{document['ratio_to_signature_ceiling']:.0%} of signatures, {document['ratio_to_raft_ceiling']:.0%} of raft"),
         ("node CPU per committed transfer", f"{document['node_cpu_microseconds_per_transfer']:,.0f} us", "all nodes together"),
+        ("  by thread (user + system)", "", _by_thread(document["node_cpu_microseconds_per_transfer_by_thread"])),
+        ("apply: bytes written per transfer", f"{document['apply_bytes_written_per_transfer']:,.0f} B", "one node, in-process"),
         ("receipts' share of that cost", f"{document['receipts']['share_of_cost_per_committed_transfer']:.1%}", ""),
     ]
     for level, figures in document["latency_ms"].items():

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import threading
+from collections.abc import Iterator
 from importlib import metadata
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # `_created` series double the series count of every counter and histogram, and no alert or panel reads them.
 disable_created_metrics()
@@ -31,6 +37,13 @@ proposal_failure_reasons = (
     "timeout",
 )
 health_check_results = ("passed", "failed")
+
+# CPU is reported by the job a thread does, not per thread: the verifier pool and the snapshot writers come
+# and go, and a label per thread would grow without bound.
+thread_roles = ("event_loop", "raft", "apply", "verify", "snapshot", "receipts", "other")
+thread_cpu_modes = ("user", "system")
+_task_directory = Path("/proc/self/task")
+_clock_ticks_per_second = os.sysconf("SC_CLK_TCK")
 
 _short_note = " Buckets start at 62.5 us (1 ms x 2^-4): the stage is usually sub-millisecond."
 
@@ -64,6 +77,7 @@ class NodeMetrics:
         self._define_commit_path(registry)
         self._define_state(registry)
         self._define_api_and_health(registry)
+        registry.register(ThreadCpuCollector())
 
     def _define_raft(self, registry: CollectorRegistry) -> None:
         self.is_leader = Gauge("tonle_raft_is_leader", "1 if this node is the Raft leader.", registry=registry)
@@ -219,3 +233,75 @@ class NodeMetrics:
             ["check", "result"],
             registry=registry,
         )
+
+
+def thread_role(name: str) -> str:
+    """The job of a thread, from the name the node (or pysyncobj, or the executor) gave it."""
+    if name == "MainThread":
+        return "event_loop"  # uvloop: client API, admin HTTP, batching and replies
+    if name.startswith("tonle-apply"):
+        return "apply"
+    if name.endswith("(_autoTickThread)"):
+        return "raft"  # pysyncobj's tick thread: network, journal, elections, commit
+    if name.startswith("verify_"):
+        return "verify"
+    if name.startswith("tonle-snapshot"):
+        return "snapshot"
+    if name.startswith("heads_"):
+        return "receipts"  # signing and storing tree heads
+    return "other"
+
+
+def thread_cpu_seconds(native_id: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of one thread of this process, or None once it has exited (Linux)."""
+    try:
+        stat = (_task_directory / str(native_id) / "stat").read_text()
+    except OSError:
+        return None
+    # The name in parentheses may hold spaces; utime and stime are fields 14 and 15 (proc(5)).
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second
+
+
+class ThreadCpuCollector(Collector):
+    """`tonle_thread_cpu_seconds_total{thread, mode}`: where a node's CPU goes, by job, read on each scrape.
+
+    A thread that has exited keeps its last-read CPU in the total, so the counter never goes down when a
+    snapshot writer or a pool thread ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # two concurrent scrapes must not retire a thread twice
+        self._last: dict[threading.Thread, tuple[str, float, float]] = {}
+        self._retired = {(role, mode): 0.0 for role in thread_roles for mode in thread_cpu_modes}
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            seen: dict[threading.Thread, tuple[str, float, float]] = {}
+            for thread in threading.enumerate():
+                if thread.native_id is None:
+                    continue
+                times = thread_cpu_seconds(thread.native_id)
+                if times is not None:
+                    seen[thread] = (thread_role(thread.name), *times)
+            for thread, (role, user, system) in self._last.items():
+                if thread not in seen:
+                    self._retired[(role, "user")] += user
+                    self._retired[(role, "system")] += system
+            self._last = seen
+            totals = dict(self._retired)
+            for role, user, system in seen.values():
+                totals[(role, "user")] += user
+                totals[(role, "system")] += system
+        family = CounterMetricFamily(
+            "tonle_thread_cpu_seconds",
+            "CPU time of this node's threads by job (event_loop, raft, apply, verify, snapshot, receipts, other) and mode.",
+            labels=["thread", "mode"],
+        )
+        for (role, mode), seconds in totals.items():
+            family.add_metric([role, mode], seconds)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        # Described without reading /proc, so registering the collector does not scrape it.
+        yield CounterMetricFamily("tonle_thread_cpu_seconds", "CPU time of this node's threads.", labels=["thread", "mode"])

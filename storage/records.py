@@ -455,7 +455,7 @@ def balance_at(transaction: StateTransaction, account_number: int, cluster_time_
 def put_reference(transaction: StateTransaction, reference: str, transfer_id: bytes) -> None:
     """Index every whitespace-separated token of a reference, so "md5:<hex> bill:INV-1" is found by either."""
     for token in sorted(set(reference.split())):
-        transaction.put("references", token.encode() + b"\x00" + transfer_id, b"")
+        transaction.insert("references", token.encode() + b"\x00" + transfer_id, b"")
 
 
 def transfers_by_reference(transaction: StateTransaction, reference: str, limit: int) -> list[bytes]:
@@ -470,7 +470,8 @@ entry_hash_bytes = 32
 def put_entry_hash(transaction: StateTransaction, entry_raw: bytes, transfer_id: bytes) -> None:
     """Index a recorded transfer by the SHA-256 of its signed entry. The key is hash || id (no value), so a
     prefix of the hash (Bakong's 8-hex-digit short hash) finds it with a range scan."""
-    transaction.put("hashes", hashlib.sha256(entry_raw).digest() + transfer_id, b"")
+    # The key holds the transfer's id, so it is new: `insert` skips reading the page for an old value.
+    transaction.insert("hashes", hashlib.sha256(entry_raw).digest() + transfer_id, b"")
 
 
 def transfers_with_hash_prefix(transaction: StateTransaction, prefix: bytes, limit: int) -> list[bytes]:

@@ -203,6 +203,17 @@ def test_every_node_applies_verifies_and_counts_the_transfers(network, traffic):
         assert grew(name, "tonle_journal_fsync_seconds", "tonle_journal_fsync_seconds_count") >= 1, name
 
 
+def test_every_node_reports_cpu_by_thread_job_and_the_counters_only_grow(network, traffic):
+    family, sample = "tonle_thread_cpu_seconds", "tonle_thread_cpu_seconds_total"
+    for name in network.nodes:
+        for role in ("event_loop", "raft", "apply", "verify", "snapshot", "receipts", "other"):
+            before = value(traffic.before[name], family, sample, thread=role)
+            assert value(traffic.after[name], family, sample, thread=role) >= before, f"{name}: {role} CPU went down"
+        # /proc counts whole 10 ms clock ticks and this test's traffic is light, so only the thread that
+        # started the node (imports, configuration, then the event loop) is sure to show.
+        assert value(traffic.after[name], family, sample, thread="event_loop") > 0, f"{name} reports no event-loop CPU"
+
+
 def test_the_leader_times_every_commit_stage_and_hears_from_every_peer(network, traffic):
     after, grew, leader = traffic.after, traffic.grew, traffic.leader
     stages = ("tonle_commit_queue_wait_seconds", "tonle_commit_batch_build_seconds", "tonle_commit_replication_seconds")
