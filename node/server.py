@@ -34,7 +34,7 @@ from consensus.receipts import encode_receipt_binary
 from storage import queries, tree
 from storage.records import earliest_expiry_ms
 from storage.rules import AppliedBatch, head_window_ms, initialize
-from storage.state import StateTransaction, open_store
+from storage.state import StateTransaction, open_store, schema_version
 
 logger = logging.getLogger("tonle.node")
 
@@ -220,6 +220,13 @@ class LedgerNode:
                 logger.info("initialised state for network %s", self.genesis.cluster_id)
                 return
             cluster_id, digest = identity
+            stored_version = transaction.stored_schema_version()
+            if stored_version != schema_version:
+                raise StartupError(
+                    f"data directory {self.config.data_dir} holds a state in layout version {stored_version}; this "
+                    f"node reads version {schema_version}: start it with an empty data directory so it catches up from "
+                    "its peers (a snapshot and the log)"
+                )
             if cluster_id != self.genesis.cluster_id or digest != self.genesis.digest:
                 raise StartupError(
                     f"data directory {self.config.data_dir} belongs to network {cluster_id!r} with another "

@@ -122,7 +122,7 @@ def balance(transaction: StateTransaction, account_name: str, as_of_index: int |
     if as_of_index < account.opened_index:
         return None
     cluster_time_ms = time_of_index(transaction, as_of_index)
-    past = None if cluster_time_ms is None else balance_at(transaction, account.number, cluster_time_ms, as_of_index)
+    past = None if cluster_time_ms is None else balance_at(transaction, account, cluster_time_ms, as_of_index)
     return {**document, "as_of_index": as_of_index, **_balance_fields(past or Balance())}
 
 
@@ -134,7 +134,7 @@ def history(
     if account is None:
         return None
     events, next_cursor = account_history(
-        transaction, account.number, end_ms=end_ms, start_ms=start_ms, limit=min(limit, history_limit_max), before_key=cursor
+        transaction, account, end_ms=end_ms, start_ms=start_ms, limit=min(limit, history_limit_max), before_key=cursor
     )
     return {
         "account": account.name,

@@ -82,6 +82,7 @@ from storage.records import (
     put_currency,
     put_entry_hash,
     put_head,
+    history_key,
     put_history,
     put_institution,
     put_node,
@@ -600,17 +601,16 @@ class _Context:
         transfer_id: bytes, amount: int, event: str, outflow: tuple[int, int] | None = None,
     ) -> None:
         outflow_day, outflow_amount = outflow if outflow is not None else (debit.outflow_day, debit.outflow)
-        put_account(self.transaction, debit.moved(new_debit, outflow_day, outflow_amount))
-        put_account(self.transaction, credit.moved(new_credit, credit.outflow_day, credit.outflow))
-        self._history(debit.number, event, transfer_id, -amount, new_debit)
-        self._history(credit.number, event, transfer_id, amount, new_credit)
+        debit_key = self._next_history_key()
+        credit_key = self._next_history_key()
+        put_account(self.transaction, debit.moved(new_debit, outflow_day, outflow_amount, debit_key))
+        put_account(self.transaction, credit.moved(new_credit, credit.outflow_day, credit.outflow, credit_key))
+        put_history(self.transaction, debit_key, debit, HistoryEvent(self.cluster_time_ms, self.index, event, transfer_id, -amount, new_debit))
+        put_history(self.transaction, credit_key, credit, HistoryEvent(self.cluster_time_ms, self.index, event, transfer_id, amount, new_credit))
 
-    def _history(self, account_number: int, event: str, transfer_id: bytes, amount: int, balance: Balance) -> None:
+    def _next_history_key(self) -> bytes:
         self.event_number += 1
-        put_history(
-            self.transaction, account_number, self.event_number,
-            HistoryEvent(self.cluster_time_ms, self.index, event, transfer_id, amount, balance),
-        )
+        return history_key(self.index, self.event_number)
 
     def _resolve_pending(self, body: Transfer, signer: InstitutionRecord, *, post: bool) -> int:
         pending = get_pending(self.transaction, body.pending_id)

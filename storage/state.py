@@ -11,7 +11,8 @@ from pathlib import Path
 
 import lmdb
 
-schema_version = 1
+# 2: history appended in apply order and linked per account, with per-account checkpoints (was keyed by account).
+schema_version = 2
 
 # Named databases. `meta` holds bookkeeping that is not part of the replicated state hash.
 _state_database_names = (
@@ -24,6 +25,7 @@ _state_database_names = (
     "expiry",
     "aliases",
     "history",
+    "history_checkpoints",
     "references",
     "batch_times",
     "tree",
@@ -361,6 +363,11 @@ class StateTransaction:
             return None
         digest = self._get_meta(_meta_genesis_digest) or b""
         return cluster.decode(), digest
+
+    def stored_schema_version(self) -> int | None:
+        """The layout version the state was written with (None for an empty store)."""
+        stored = self._get_meta(_meta_schema_version)
+        return None if stored is None else _u64.unpack(stored)[0]
 
     def set_identity(self, cluster_id: str, genesis_digest: bytes) -> None:
         self._put_meta(_meta_cluster_id, cluster_id.encode())

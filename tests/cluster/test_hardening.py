@@ -415,3 +415,27 @@ def test_a_diverged_replica_raises_the_alarm_and_is_not_ready(request, tmp_path)
         code, body = cluster.admin_get(follower, "/readyz?verbose")
         assert code == 503 and "[-]not_diverged" in body
         assert "state divergence at index" in cluster.nodes[follower].log.read_text()
+
+
+def test_a_state_in_an_older_layout_is_refused_at_start_with_what_to_do(tmp_path):
+    from storage.rules import initialize
+    from storage.state import open_store, schema_version
+
+    cluster = LocalCluster.create(tmp_path / "network", validators=1, institutions=1)
+    (name,) = cluster.validators()
+    node = cluster.nodes[name]
+    store = open_store(node.data_dir, map_size_bytes=64 << 20)
+    with store.write() as transaction:
+        initialize(transaction, load_genesis(Path(cluster.description["genesis"])))
+        transaction.put_unhashed("meta", b"schema_version", (schema_version - 1).to_bytes(8, "big"))
+    store.close()
+    cluster.start([name])
+    try:
+        deadline = time.monotonic() + 60
+        while cluster.is_running(name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = cluster.logs([name])
+        assert not cluster.is_running(name), f"the node started on a state in layout {schema_version - 1}:\n{log}"
+        assert f"layout version {schema_version - 1}" in log and "empty data directory" in log, log
+    finally:
+        cluster.kill()

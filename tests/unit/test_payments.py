@@ -3,6 +3,8 @@ aliases, KYC limits and queries, with the precedence of every result."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from nacl.signing import SigningKey
 
@@ -30,7 +32,7 @@ from consensus.entries import (
     signature_is_valid,
 )
 from storage import queries
-from storage.records import day_ms, kyc_daily_outflow_limits, phnom_penh_offset_ms
+from storage.records import balance_at, day_ms, get_account, history_checkpoint_events, kyc_daily_outflow_limits, phnom_penh_offset_ms
 from tests.ledger_fixtures import Ledger, make_network, tid
 
 LINKED = int(TransferFlags.LINKED)
@@ -470,6 +472,95 @@ def test_balances_as_of_an_applied_index(ledger, network):
     assert [ledger.balance("dara@acleda", as_of_index=index)["balance"] for index in marks] == [10, 30, 60]
     assert ledger.balance("dara@acleda", as_of_index=marks[0] - 1)["balance"] == 0
     assert ledger.balance("+85500000000") is None
+
+
+def test_history_and_past_balances_match_a_replay_across_many_checkpoints(ledger, network):
+    """Enough events for several per-account checkpoints, some batches sharing a cluster time and some
+    holding two events of the same account: every window, page and past balance matches the replay."""
+    generator = random.Random(11)
+    replay: list[tuple[int, int, int, int]] = []  # dara's (cluster time, index, amount, balance after)
+    balance_after_index: dict[int, int] = {}
+    balance, number = 0, 1000
+    for _batch in range(3 * history_checkpoint_events):
+        time_ms = ledger.time_ms + generator.choice((0, 1, 1_000))
+        entries, amounts = [], []
+        for _entry in range(generator.choice((1, 1, 2))):
+            number += 1
+            if balance > 10 and generator.random() < 0.3:
+                amount = -generator.randint(1, balance // 2)
+                entries.append(pay(network, number, "dara@acleda", "sokha@aba", -amount))
+            else:
+                amount = generator.randint(1, 1_000)
+                entries.append(pay(network, number, "sokha@aba", "dara@acleda", amount))
+            amounts.append(amount)
+        applied = ledger.apply(*entries, time_ms=time_ms)
+        assert [outcome.result for outcome in applied.outcomes] == ["ok"] * len(entries)
+        for amount in amounts:
+            balance += amount
+            replay.append((time_ms, applied.index, amount, balance))
+        balance_after_index[applied.index] = balance
+    assert len(replay) > 2 * history_checkpoint_events
+
+    def pages(start_ms: int, end_ms: int, limit: int) -> list[tuple[int, int, int, int]]:
+        found, cursor = [], None
+        with ledger.store.read() as transaction:
+            while True:
+                page = queries.history(transaction, "dara@acleda", start_ms=start_ms, end_ms=end_ms, limit=limit, cursor=cursor)
+                assert len(page["events"]) <= limit
+                found += [(event["cluster_time_ms"], event["index"], event["amount"], event["balance"]) for event in page["events"]]
+                cursor = page["cursor"]
+                if cursor is None:
+                    return found
+
+    times = sorted({time_ms for time_ms, _index, _amount, _balance in replay})
+    for _window in range(40):
+        start_ms, end_ms = sorted(generator.sample(times, 2))
+        expected = [event for event in reversed(replay) if start_ms <= event[0] <= end_ms]
+        assert pages(start_ms, end_ms, generator.choice((1, 7, 1000))) == expected, (start_ms, end_ms)
+    assert pages(0, 2**64, 50) == list(reversed(replay))
+    first_index = min(balance_after_index)
+    for index in range(first_index - 1, ledger.index + 1):
+        expected = balance_after_index.get(index, max((b for i, b in balance_after_index.items() if i < index), default=0))
+        assert ledger.balance("dara@acleda", as_of_index=index)["balance"] == expected, index
+    # The oldest past is reached through a checkpoint, not by walking every link from the newest event.
+    with ledger.store.read() as transaction:
+        counting = CountingReads(transaction)
+        oldest_time_ms, oldest_index, _amount, _balance = replay[0]
+        past = balance_at(counting, get_account(transaction, "dara@acleda"), oldest_time_ms, oldest_index)
+    assert past is not None and past.credits_posted - past.debits_posted == balance_after_index[oldest_index]
+    assert counting.history_reads <= history_checkpoint_events + 1
+
+
+class CountingReads:
+    """A transaction that counts the history records read through it."""
+
+    def __init__(self, transaction) -> None:
+        self.transaction = transaction
+        self.history_reads = 0
+
+    def get(self, database: str, key: bytes):
+        self.history_reads += database == "history"
+        return self.transaction.get(database, key)
+
+    def __getattr__(self, name: str):
+        return getattr(self.transaction, name)
+
+
+def test_a_transfer_appends_its_history_events_at_the_end_of_the_history(ledger, network):
+    applied = ledger.apply(pay(network, 130, "sokha@aba", "dara@acleda", 5))
+    with ledger.store.read() as transaction:
+        keys = [key for key, _payload in transaction.items("history")]
+    assert keys == sorted(keys)
+    assert [int.from_bytes(key[:8], "big") for key in keys[-2:]] == [applied.index, applied.index]
+
+
+def test_a_history_cursor_of_another_account_or_of_no_event_gives_no_events(ledger, network):
+    ledger.apply(pay(network, 131, "sokha@aba", "dara@acleda", 5), pay(network, 132, "sokha@aba", "dara@acleda", 6))
+    with ledger.store.read() as transaction:
+        sokha = queries.history(transaction, "sokha@aba", start_ms=0, end_ms=2**62, limit=1, cursor=None)
+        assert sokha["cursor"] is not None
+        for cursor in (sokha["cursor"], b"", b"\x00" * 12, b"\xff" * 40):
+            assert queries.history(transaction, "dara@acleda", start_ms=0, end_ms=2**62, limit=5, cursor=cursor)["events"] == []
 
 
 # Precedence: where two rules fail, the one checked first is the answer ----------------------------------
