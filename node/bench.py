@@ -234,11 +234,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_bytes(pid: int) -> int:
+def node_memory(pid: int) -> dict[str, int]:
+    """A node's resident memory (VmRSS) and its two parts: RssAnon, the process heap, and RssFile, pages of
+    mapped files, almost all of them LMDB pages the node has read (page cache the kernel can take back)."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
 
 
 def _thread_cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, str], float]:
@@ -386,7 +390,9 @@ def run_bench(directory: Path, *, validators: int, duration_seconds: float, acco
             latency[f"{share}%"] = {**phase.latency_ms(), "offered_per_second": round(rate, 1),
                                     "transfers_per_second": round(phase.per_second, 1), "failed": phase.failed}
         document["latency_ms"] = latency
-        document["node_rss_bytes"] = {name: _rss_bytes(pid) for name, pid in pids.items()}
+        memory = {name: node_memory(pid) for name, pid in pids.items()}
+        document["node_memory_bytes"] = memory
+        document["node_rss_bytes"] = {name: figures["VmRSS"] for name, figures in memory.items()}
     finally:
         cluster.kill()
     print("measuring the raw pysyncobj ceiling for batches of the same size", file=sys.stderr)
@@ -427,8 +433,10 @@ def render(document: dict[str, Any]) -> str:
     for level, figures in document["latency_ms"].items():
         rows.append((f"commit latency at {level.replace('_', ' ')}", f"p50 {figures['p50']} ms",
                      f"p99 {figures['p99']} ms, p999 {figures['p999']} ms"))
-    rss = document["node_rss_bytes"]
-    rows.append(("node resident memory", f"{max(rss.values()) / 2**20:,.0f} MiB max", ""))
+    memory = document["node_memory_bytes"].values()
+    rows.append(("node resident memory", f"{max(figures['VmRSS'] for figures in memory) / 2**20:,.0f} MiB max",
+                 f"heap {max(figures['RssAnon'] for figures in memory) / 2**20:,.0f} MiB max, "
+                 f"mapped LMDB and code {max(figures['RssFile'] for figures in memory) / 2**20:,.0f} MiB max"))
     width = max(len(row[0]) for row in rows)
     return "\n".join(f"{label:<{width}}  {value:>14}  {note}".rstrip() for label, value, note in rows)
 

@@ -68,7 +68,9 @@ def _run_node(self_address: str, others: list[str], directory: Path, batch_bytes
             node.apply_batch(payload, callback=done)
         time.sleep(0.0005)
     elapsed = time.monotonic() - started
-    (directory / "result.json").write_text(json.dumps({"batches_per_second": committed / elapsed}))
+    # Written aside and renamed: the parent polls for the file and must never read it half written.
+    (directory / "result.json.writing").write_text(json.dumps({"batches_per_second": committed / elapsed}))
+    os.replace(directory / "result.json.writing", directory / "result.json")
 
 
 def measure(directory: Path, *, batch_bytes: int, seconds: float, in_flight: int = 32) -> float:

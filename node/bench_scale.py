@@ -180,15 +180,6 @@ def _map_size(path: Path) -> int:
 # Measuring -------------------------------------------------------------------------------------------
 
 
-def _memory(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile"):
-            fields[name] = int(value.split()[0]) * 1024
-    return fields
-
-
 def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]:
     """Create a network in `directory` whose validators start from a built state; kept for later runs
     (`DIR/scale.json` records what was built, so a second run measures without building again)."""
@@ -270,7 +261,7 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         document["transfers_per_second"] = round(peak.per_second, 1)
         document["failed"] = peak.failed
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
-        document["node_memory_bytes"] = {name: _memory(pid) for name, pid in pids.items()}
+        document["node_memory_bytes"] = {name: bench.node_memory(pid) for name, pid in pids.items()}
     finally:
         cluster.kill()
     return document
