@@ -59,6 +59,17 @@ forward_timeout_seconds = 5.0
 _linked_flag = int(TransferFlags.LINKED)  # a plain int: enum operations per entry are slow
 
 
+def partial_batch_may_go(proposals_in_flight: int, due_microseconds: int | None, now_microseconds: int) -> bool:
+    """Group commit: whether a batch that is not full is proposed now. Alone it goes at once; otherwise only
+    once its gathering delay has passed and while fewer than `partial_batches_in_flight_max` proposals await
+    their apply (full batches are not held back)."""
+    if proposals_in_flight == 0:
+        return True
+    if proposals_in_flight >= partial_batches_in_flight_max:
+        return False
+    return due_microseconds is None or now_microseconds >= due_microseconds
+
+
 class StartupError(RuntimeError):
     """The node cannot start with this configuration or data directory; the message says why."""
 
@@ -537,9 +548,8 @@ class LedgerNode:
         while len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
             due = self.proposer.due_microseconds()
             now = _now_microseconds()
-            if self._proposals and not self.proposer.has_full_batch():
-                if (due is not None and now < due) or len(self._proposals) >= partial_batches_in_flight_max:
-                    break
+            if not self.proposer.has_full_batch() and not partial_batch_may_go(len(self._proposals), due, now):
+                break
             started = time.perf_counter()
             oldest = self.proposer.oldest_enqueued_microseconds
             if oldest is not None:
