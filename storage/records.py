@@ -451,10 +451,17 @@ class _StoredEvent:
         return self.event.cluster_time_ms, self.event.index, self.event_number
 
 
-def _stored_event(transaction: StateTransaction, key: bytes) -> _StoredEvent:
+def _stored_event(transaction: StateTransaction, key: bytes, account_number: int) -> _StoredEvent:
+    """The event at `key` of the account: linked to, so it must exist, belong to the account and link only
+    to an older event (keys grow in apply order), or a query could loop or wander into another account."""
     stored = _find_event(transaction, key)
     if stored is None:
         raise StorageCorrupted(f"history event {key.hex()} is linked to but missing: the data file is damaged")
+    if stored.account_number != account_number or (stored.previous and stored.previous >= key):
+        raise StorageCorrupted(
+            f"history event {key.hex()} of account {account_number} is linked wrongly "
+            f"(account {stored.account_number}, previous {stored.previous.hex()}): the state is damaged"
+        )
     return stored
 
 
@@ -484,7 +491,7 @@ def _newest_event_at_or_before(transaction: StateTransaction, account: AccountRe
         break
     key = start
     while key:
-        stored = _stored_event(transaction, key)
+        stored = _stored_event(transaction, key, account.number)
         if stored.position() <= position:
             return key
         key = stored.previous
@@ -507,7 +514,7 @@ def account_history(
     events: list[HistoryEvent] = []
     last_key = None
     while key:
-        stored = _stored_event(transaction, key)
+        stored = _stored_event(transaction, key, account.number)
         if stored.event.cluster_time_ms < start_ms:
             return events, None
         if len(events) == limit:
@@ -521,7 +528,7 @@ def account_history(
 def balance_at(transaction: StateTransaction, account: AccountRecord, cluster_time_ms: int, index: int) -> Balance | None:
     """The balance after the last event at or before (cluster time, raft index); None if there was none."""
     key = _newest_event_at_or_before(transaction, account, (cluster_time_ms, index, _event_number_max))
-    return _stored_event(transaction, key).event.balance if key else None
+    return _stored_event(transaction, key, account.number).event.balance if key else None
 
 
 def put_reference(transaction: StateTransaction, reference: str, transfer_id: bytes) -> None:

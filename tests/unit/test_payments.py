@@ -9,6 +9,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from config.schema import Role
+from consensus.codec import pack, unpack
 from consensus.entries import (
     AccountFlags,
     AdmitInstitution,
@@ -33,6 +34,7 @@ from consensus.entries import (
 )
 from storage import queries
 from storage.records import balance_at, day_ms, get_account, history_checkpoint_events, kyc_daily_outflow_limits, phnom_penh_offset_ms
+from storage.state import StorageCorrupted
 from tests.ledger_fixtures import Ledger, make_network, tid
 
 LINKED = int(TransferFlags.LINKED)
@@ -529,6 +531,20 @@ def test_history_and_past_balances_match_a_replay_across_many_checkpoints(ledger
         past = balance_at(counting, get_account(transaction, "dara@acleda"), oldest_time_ms, oldest_index)
     assert past is not None and past.credits_posted - past.debits_posted == balance_after_index[oldest_index]
     assert counting.history_reads <= history_checkpoint_events + 1
+
+
+@pytest.mark.parametrize("link", ["itself", "another_account"])
+def test_a_history_event_linked_wrongly_stops_the_query_as_damaged_state(ledger, network, link):
+    ledger.apply(pay(network, 133, "sokha@aba", "dara@acleda", 5))
+    ledger.apply(pay(network, 134, "sokha@aba", "dara@acleda", 6))
+    with ledger.store.write() as transaction:
+        dara, sokha = get_account(transaction, "dara@acleda"), get_account(transaction, "sokha@aba")
+        values = unpack(transaction.get("history", dara.history_head))
+        # Not reachable through the apply: this stands in for a bug that links events wrongly.
+        values[-1] = dara.history_head if link == "itself" else sokha.history_head
+        transaction.put("history", dara.history_head, pack(values))
+    with ledger.store.read() as transaction, pytest.raises(StorageCorrupted, match="linked wrongly"):
+        queries.history(transaction, "dara@acleda", start_ms=0, end_ms=2**62, limit=5, cursor=None)
 
 
 class CountingReads:
