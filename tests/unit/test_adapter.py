@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from consensus.raft.snapshot import read_header
 from consensus.raft.transport import SecureTransport
 from storage.rules import initialize
 from storage.state import LedgerStore
+from tests.waiting import wait_until
 
 wait_seconds = 20.0
 raft = RaftConfig(
@@ -62,12 +62,7 @@ def _ports(count: int) -> list[int]:
 
 
 def _wait(condition, what: str) -> None:
-    deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(condition, wait_seconds, what)
 
 
 @pytest.fixture

@@ -8,17 +8,13 @@ import time
 import pytest
 
 from consensus.raft.apply_thread import ApplyStopped, ApplyThread, apply_queue_entries_max
+from tests.waiting import wait_until
 
 wait_seconds = 10.0
 
 
 def _wait(condition, what: str) -> None:
-    deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(condition, wait_seconds, what)
 
 
 class _HeldApply:

@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import msgpack
@@ -31,6 +30,7 @@ from consensus.raft.journal import (
     record_payload_bytes_max,
     tail_cache_bytes_max,
 )
+from tests.waiting import wait_until
 
 log_file_header = b"TONLELOG" + struct.pack(">II", 1, 0)
 record_overhead = 4 + 8 + 8 + 16
@@ -923,14 +923,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + deadline_seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {deadline_seconds} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def run_counter(journal: DurableJournal, address: str, monkeypatch: pytest.MonkeyPatch) -> Counter:
     monkeypatch.setattr(pysyncobj.syncobj, "createJournal", lambda _path: journal)
     conf = SyncObjConf(
@@ -945,7 +937,7 @@ def run_counter(journal: DurableJournal, address: str, monkeypatch: pytest.Monke
 
 def stop_counter(counter: Counter) -> None:
     counter.destroy()
-    wait_until(lambda: not counter.tick_thread_alive(), "the pysyncobj tick thread to stop")
+    wait_until(lambda: not counter.tick_thread_alive(), deadline_seconds, "the pysyncobj tick thread to stop")
 
 
 def test_real_syncobj_applies_commands_and_a_restart_replays_them_from_the_journal(
@@ -957,7 +949,7 @@ def test_real_syncobj_applies_commands_and_a_restart_replays_them_from_the_journ
     try:
         for amount in (5, 7, 11):
             counter.add_amount(amount)
-        wait_until(lambda: counter.total == 23, "three commands to apply")
+        wait_until(lambda: counter.total == 23, deadline_seconds, "three commands to apply")
     finally:
         stop_counter(counter)
 
@@ -972,9 +964,9 @@ def test_real_syncobj_applies_commands_and_a_restart_replays_them_from_the_journ
 
     restarted = run_counter(reopened, address, monkeypatch)
     try:
-        wait_until(lambda: restarted.total == 23, "the journal to replay after restart")
+        wait_until(lambda: restarted.total == 23, deadline_seconds, "the journal to replay after restart")
         restarted.add_amount(1)
-        wait_until(lambda: restarted.total == 24, "a command after restart")
+        wait_until(lambda: restarted.total == 24, deadline_seconds, "a command after restart")
     finally:
         stop_counter(restarted)
     assert DurableJournal(tmp_path / "journal").last_index >= 6

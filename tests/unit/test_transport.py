@@ -40,6 +40,7 @@ from consensus.raft.transport import (
     unauthenticated_connections_max,
 )
 from consensus.raft.wire import encode_message
+from tests.waiting import wait_until
 
 cluster_id = "tonle-test-1"
 wait_seconds = 10.0
@@ -122,14 +123,6 @@ class RecordingObserver:
     def _add(self, *event: object) -> None:
         with self._lock:
             self._events.append(event)
-
-
-def wait_until(condition: Callable[[], bool], timeout_seconds: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Counter(SyncObj):
