@@ -234,6 +234,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def major_faults(pid: int) -> int:
+    """Page faults that had to read from disk: a node whose working set is in the page cache makes few."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[9])
+
+
 def node_memory(pid: int) -> dict[str, int]:
     """A node's resident memory (VmRSS) and its two parts: RssAnon, the process heap, and RssFile, pages of
     mapped files, almost all of them LMDB pages the node has read (page cache the kernel can take back)."""

@@ -255,12 +255,15 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         leader = cluster.wait_for_leader()
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid}
         cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
+        faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
         address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
         cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
         document["transfers_per_second"] = round(peak.per_second, 1)
         document["failed"] = peak.failed
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
+        faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
+        document["disk_reads_per_transfer"] = round(faults / max(1, peak.acknowledged), 3)
         document["node_memory_bytes"] = {name: bench.node_memory(pid) for name, pid in pids.items()}
     finally:
         cluster.kill()
@@ -290,6 +293,7 @@ def render_scale(document: dict[str, Any]) -> str:
     rows.append(("committed transfers/s", f"{small['transfers_per_second']:,.0f}", f"{large['transfers_per_second']:,.0f}"))
     rows.append(("node CPU per transfer (all nodes)", f"{small['node_cpu_microseconds_per_transfer']:,.0f} us",
                  f"{large['node_cpu_microseconds_per_transfer']:,.0f} us"))
+    rows.append(("disk reads per transfer (all nodes)", *(f"{side['disk_reads_per_transfer']:.2f}" for side in (small, large))))
     for field, label in (("VmRSS", "node resident memory, max"), ("RssAnon", "  of which process heap"),
                          ("RssFile", "  of which mapped LMDB pages")):
         rows.append((label, *(f"{max(memory[field] for memory in side['node_memory_bytes'].values()) / 2**20:,.0f} MiB"

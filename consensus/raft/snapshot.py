@@ -6,8 +6,10 @@ import hashlib
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import lmdb
 
@@ -22,6 +24,9 @@ snapshot_image_bytes_max = 1 << 40
 _prefix = struct.Struct(">8sII")
 _image_length = struct.Struct(">Q")
 _copy_chunk_bytes = 1 << 20
+# The page cache holds a file in folios of up to 2 MiB (x86-64 large folios) and drops only folios wholly
+# inside an advised range, so each drop reaches back this far over the previous chunk's boundary.
+_drop_overlap_bytes = 8 << 20
 
 # pysyncobj's log entries are (command bytes, raft index, raft term) tuples.
 RaftEntry = tuple[bytes, int, int]
@@ -39,6 +44,24 @@ class SnapshotHeader:
     voters: tuple[str, ...]
     applied_index: int
     state_hash: bytes
+
+
+def _read_dropping_behind(source: BinaryIO, length: int) -> Iterator[bytes]:
+    """Read `length` bytes in chunks, dropping each from the page cache once read. A snapshot is as large as
+    the state and is read whole (verified at every start, copied on install): read through the cache it
+    would evict the account and index pages the apply needs, and the node would then read them from disk."""
+    descriptor = source.fileno()
+    position = source.tell()
+    end = position + length
+    while position < end:
+        chunk = source.read(min(_copy_chunk_bytes, end - position))
+        if not chunk:
+            raise SnapshotError("snapshot is truncated")
+        low = max(0, position - _drop_overlap_bytes)
+        position += len(chunk)
+        os.posix_fadvise(descriptor, low, position - low, os.POSIX_FADV_DONTNEED)
+        yield chunk
+    os.posix_fadvise(descriptor, max(0, position - _drop_overlap_bytes), 0, os.POSIX_FADV_DONTNEED)  # 0: to the end
 
 
 def _entry_fields(entry: RaftEntry) -> list:
@@ -88,12 +111,14 @@ def write_snapshot(path: Path, store: LedgerStore, header: SnapshotHeader, as_of
                 output.write(part)
                 digest.update(part)
             with open(image, "rb") as source:
-                while chunk := source.read(_copy_chunk_bytes):
+                for chunk in _read_dropping_behind(source, image.stat().st_size):
                     output.write(chunk)
                     digest.update(chunk)
             output.write(digest.digest())
             output.flush()
             os.fsync(output.fileno())
+            # Written pages stay cached once on disk; the file is read again only to be sent or installed.
+            os.posix_fadvise(output.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_header(path: Path) -> tuple[SnapshotHeader, int, int]:
@@ -122,13 +147,8 @@ def read_header(path: Path) -> tuple[SnapshotHeader, int, int]:
             digest = hashlib.blake2b(digest_size=snapshot_digest_bytes, person=b"tonle-snapshot1")
             for part in (prefix, encoded_header, image_length_bytes):
                 digest.update(part)
-            remaining = image_length
-            while remaining:
-                chunk = source.read(min(_copy_chunk_bytes, remaining))
-                if not chunk:
-                    raise SnapshotError("snapshot is truncated")
+            for chunk in _read_dropping_behind(source, image_length):
                 digest.update(chunk)
-                remaining -= len(chunk)
             if source.read(snapshot_digest_bytes) != digest.digest():
                 raise SnapshotError("snapshot digest does not match: the file is damaged")
     except OSError as error:
@@ -166,11 +186,8 @@ def install_snapshot(path: Path, header: SnapshotHeader, image_offset: int, imag
         image_path = Path(scratch) / "data.mdb"
         with open(path, "rb") as source, open(image_path, "wb") as output:
             source.seek(image_offset)
-            remaining = image_length
-            while remaining:
-                chunk = source.read(min(_copy_chunk_bytes, remaining))
+            for chunk in _read_dropping_behind(source, image_length):
                 output.write(chunk)
-                remaining -= len(chunk)
         try:
             image = LedgerStore(Path(scratch), map_size_bytes=max(image_length, 1 << 20), readonly=True)
         except lmdb.Error as error:

@@ -1,11 +1,21 @@
 """Snapshot files: written from LMDB, verified on read, installed only when newer, never half-installed."""
 
+import ctypes
 import dataclasses
+import mmap
+import os
 
 import pytest
 
 from consensus.entries import Issue, OpenAccount, Transfer, signature_is_valid
-from consensus.raft.snapshot import SnapshotError, SnapshotHeader, read_header, restore_from_snapshot, write_snapshot
+from consensus.raft.snapshot import (
+    SnapshotError,
+    SnapshotHeader,
+    _read_dropping_behind,
+    read_header,
+    restore_from_snapshot,
+    write_snapshot,
+)
 from storage import queries
 from storage.rules import apply_batch, initialize
 from storage.state import LedgerStore, StorageCorrupted
@@ -131,3 +141,69 @@ def test_a_snapshot_as_of_a_read_transaction_holds_that_state_while_the_apply_go
     assert installed
     assert target.summary() == summary
 
+
+
+def _cached_pages(path) -> int:
+    """How many of the file's pages are in the page cache (mincore(2) over a read-only shared mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as file:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            residency = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(address, size, residency) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    return sum(page & 1 for page in residency)
+
+
+def _skip_unless_the_page_cache_can_be_dropped(path) -> None:
+    with open(path, "rb") as source:
+        source.read()
+        os.posix_fadvise(source.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _cached_pages(path):
+        pytest.skip("this file system keeps file pages in memory whatever the advice (tmpfs)")
+
+
+def test_reading_or_installing_a_snapshot_leaves_its_image_out_of_the_page_cache(tmp_path, network):
+    # A snapshot is as large as the state and is read whole at every start: through the page cache it would
+    # evict the account and index pages the apply needs. Only the few pages around the header may stay.
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 6)
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(source, path, network)
+    image_pages = os.path.getsize(path) // mmap.PAGESIZE
+    assert image_pages >= 8, "the image must span many pages for the counts below to mean anything"
+    assert _cached_pages(path) <= 2, "a snapshot just written stays cached"
+    _skip_unless_the_page_cache_can_be_dropped(path)
+    path.read_bytes()  # as if something else had read it
+    assert _cached_pages(path) >= image_pages - 1
+    read_header(path)
+    assert _cached_pages(path) <= 2
+    path.read_bytes()
+    restore_from_snapshot(path, new_store(tmp_path / "b", network), network.genesis.cluster_id)
+    assert _cached_pages(path) <= 2
+
+
+def test_a_large_image_read_through_leaves_no_page_cached_whatever_the_folio_size(tmp_path):
+    # Read ahead, the kernel caches a large file in folios of up to 2 MiB and drops only whole ones: dropping
+    # exactly each chunk read leaves most of the file cached. 48 MiB spans many folios and chunks.
+    path = tmp_path / "image"
+    with open(path, "wb") as output:
+        output.write(os.urandom(48 << 20))
+        os.fsync(output.fileno())  # dirty pages cannot be dropped; a snapshot on disk is written and synced
+    _skip_unless_the_page_cache_can_be_dropped(path)
+    with open(path, "rb") as source:
+        while source.read(4 << 20):  # cached as a reader would leave it, in read-ahead folios
+            pass
+    assert _cached_pages(path) == (48 << 20) // mmap.PAGESIZE
+    with open(path, "rb") as source:
+        source.seek(12345)  # an image starts after a header of any length
+        assert sum(len(chunk) for chunk in _read_dropping_behind(source, (48 << 20) - 12345)) == (48 << 20) - 12345
+    assert _cached_pages(path) == 0
