@@ -170,11 +170,11 @@ class LedgerStore:
     def map_size_bytes(self) -> int:
         return self.environment.info()["map_size"]
 
-    def copy_to(self, destination: Path, as_of: StateTransaction | None = None) -> None:
-        """A consistent copy of the environment into an empty directory: the view of `as_of` (a read
-        transaction the caller also read the summary from), or of a fresh read transaction."""
-        destination.mkdir(parents=True, exist_ok=True)
-        self.environment.copy(str(destination), compact=True, txn=None if as_of is None else as_of._transaction)
+    def copy_into(self, descriptor: int, as_of: StateTransaction | None = None) -> None:
+        """Write a consistent, compact copy of the environment (an LMDB data file) to a file or pipe, from its
+        current position: the view of `as_of` (a read transaction the caller also read the summary from), or
+        of a fresh read transaction. Call it on the thread that opened `as_of`."""
+        self.environment.copyfd(descriptor, compact=True, txn=None if as_of is None else as_of._transaction)
 
 
 class StateTransaction:

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import lmdb
 
 from consensus.codec import CodecError, is_integer, pack, unpack
-from storage.state import LedgerStore, StorageCorrupted
+from storage.state import LedgerStore, StateTransaction, StorageCorrupted
 
 snapshot_magic = b"TONLESNP"
-snapshot_format_version = 1
+# Version 1 put the image's length before the image; version 2 puts it after, so a writer can stream the
+# image from LMDB into the file. Both are read: a node upgraded in place keeps the snapshot it has.
+snapshot_format_version = 2
+snapshot_format_versions_readable = (1, 2)
 snapshot_header_bytes_max = 1 << 20
 snapshot_digest_bytes = 32
 snapshot_image_bytes_max = 1 << 40
@@ -27,6 +33,10 @@ _copy_chunk_bytes = 1 << 20
 # The page cache holds a file in folios of up to 2 MiB (x86-64 large folios) and drops only folios wholly
 # inside an advised range, so each drop reaches back this far over the previous chunk's boundary.
 _drop_overlap_bytes = 8 << 20
+# While a snapshot is written, every this many bytes are synced and dropped from the page cache.
+_write_flush_bytes = 64 << 20
+# The pipe LMDB streams the image through (the kernel's default is 64 KiB; larger means fewer wake-ups).
+_pipe_bytes = 1 << 20
 
 # pysyncobj's log entries are (command bytes, raft index, raft term) tuples.
 RaftEntry = tuple[bytes, int, int]
@@ -84,41 +94,84 @@ def _parse_entry(fields: object) -> RaftEntry:
 
 
 def write_snapshot(path: Path, store: LedgerStore, header: SnapshotHeader, as_of: StateTransaction | None = None) -> None:
-    """Write header + a compact copy of the LMDB environment + a digest over both, then fsync.
+    """Write header + a compact copy of the LMDB environment + its length + a digest over all, then fsync.
 
     `as_of` is the read transaction the header's applied index and state hash were read from, so the image
     is exactly the state the header describes while the apply goes on writing.
     """
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".snapshot-") as scratch:
-        image_directory = Path(scratch)
-        store.copy_to(image_directory, as_of)
-        image = image_directory / "data.mdb"
-        encoded_header = pack(
-            [
-                header.cluster_id,
-                _entry_fields(header.last_entry),
-                _entry_fields(header.previous_entry),
-                list(header.voters),
-                header.applied_index,
-                header.state_hash,
-            ]
-        )
-        digest = hashlib.blake2b(digest_size=snapshot_digest_bytes, person=b"tonle-snapshot1")
-        with open(path, "wb") as output:
-            prefix = _prefix.pack(snapshot_magic, snapshot_format_version, len(encoded_header))
-            image_length = _image_length.pack(image.stat().st_size)
-            for part in (prefix, encoded_header, image_length):
-                output.write(part)
-                digest.update(part)
-            with open(image, "rb") as source:
-                for chunk in _read_dropping_behind(source, image.stat().st_size):
-                    output.write(chunk)
-                    digest.update(chunk)
-            output.write(digest.digest())
-            output.flush()
-            os.fsync(output.fileno())
-            # Written pages stay cached once on disk; the file is read again only to be sent or installed.
-            os.posix_fadvise(output.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    encoded_header = pack(
+        [
+            header.cluster_id,
+            _entry_fields(header.last_entry),
+            _entry_fields(header.previous_entry),
+            list(header.voters),
+            header.applied_index,
+            header.state_hash,
+        ]
+    )
+    digest = hashlib.blake2b(digest_size=snapshot_digest_bytes, person=b"tonle-snapshot1")
+    with open(path, "wb") as output:
+        for part in (_prefix.pack(snapshot_magic, snapshot_format_version, len(encoded_header)), encoded_header):
+            output.write(part)
+            digest.update(part)
+        length = _image_length.pack(_stream_image(store, as_of, output, digest))
+        output.write(length)
+        digest.update(length)
+        output.write(digest.digest())
+        output.flush()
+        os.fsync(output.fileno())
+        # Written pages stay cached once on disk; the file is read again only to be sent or installed.
+        os.posix_fadvise(output.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _stream_image(store: LedgerStore, as_of: StateTransaction | None, output: BinaryIO, digest: Any) -> int:
+    """Append a compact copy of the state to `output`, hashing it on the way; returns its length in bytes.
+
+    LMDB writes the copy into a pipe on this thread (the one that owns `as_of`); a helper thread hashes it,
+    appends it to the file, and syncs and drops every `_write_flush_bytes` from the page cache. So the image
+    is written once, with no scratch copy as large as the state, and never fills the page cache. If the file
+    cannot be written, the helper closes the pipe, LMDB's next write fails instead of blocking, and the
+    helper's error is raised.
+    """
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default size works too
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _pipe_bytes)
+    outcome: dict[str, Any] = {}
+
+    def drain() -> None:
+        length = synced = 0
+        try:
+            while chunk := os.read(read_end, _copy_chunk_bytes):
+                output.write(chunk)
+                digest.update(chunk)
+                length += len(chunk)
+                if length - synced >= _write_flush_bytes:
+                    output.flush()
+                    os.fdatasync(output.fileno())
+                    end = output.tell()
+                    low = max(0, end - (length - synced) - _drop_overlap_bytes)
+                    os.posix_fadvise(output.fileno(), low, end - low, os.POSIX_FADV_DONTNEED)
+                    synced = length
+            outcome["length"] = length
+        except BaseException as error:  # noqa: BLE001 - handed to the writing thread, which raises it
+            outcome["error"] = error
+        finally:
+            os.close(read_end)
+
+    helper = threading.Thread(target=drain, name="tonle-snapshot-stream", daemon=True)
+    helper.start()
+    try:
+        store.copy_into(write_end, as_of)
+    except lmdb.Error as copy_error:
+        if "error" not in outcome:
+            raise
+        raise outcome["error"] from copy_error
+    finally:
+        os.close(write_end)
+        helper.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["length"]
 
 
 def read_header(path: Path) -> tuple[SnapshotHeader, int, int]:
@@ -132,23 +185,38 @@ def read_header(path: Path) -> tuple[SnapshotHeader, int, int]:
             magic, version, header_length = _prefix.unpack(prefix)
             if magic != snapshot_magic:
                 raise SnapshotError("not a Tonle snapshot (bad magic)")
-            if version != snapshot_format_version:
+            if version not in snapshot_format_versions_readable:
                 raise SnapshotError(f"unsupported snapshot format version {version}")
             if header_length > snapshot_header_bytes_max:
                 raise SnapshotError(f"snapshot header of {header_length} bytes is over the limit")
             encoded_header = source.read(header_length)
-            image_length_bytes = source.read(_image_length.size)
-            if len(encoded_header) != header_length or len(image_length_bytes) != _image_length.size:
+            if len(encoded_header) != header_length:
+                raise SnapshotError("snapshot is truncated")
+            image_offset = _prefix.size + header_length
+            if version == 1:  # the image's length before the image
+                image_length_bytes = source.read(_image_length.size)
+                image_offset += _image_length.size
+            else:  # after it, where a writer streaming the image knows it
+                if size < image_offset + _image_length.size + snapshot_digest_bytes:
+                    raise SnapshotError("snapshot is truncated")
+                source.seek(size - snapshot_digest_bytes - _image_length.size)
+                image_length_bytes = source.read(_image_length.size)
+                source.seek(image_offset)
+            if len(image_length_bytes) != _image_length.size:
                 raise SnapshotError("snapshot is truncated")
             (image_length,) = _image_length.unpack(image_length_bytes)
-            image_offset = _prefix.size + header_length + _image_length.size
-            if image_length > snapshot_image_bytes_max or image_offset + image_length + snapshot_digest_bytes != size:
+            length_after_image = 0 if version == 1 else _image_length.size
+            if (
+                image_length > snapshot_image_bytes_max
+                or image_offset + image_length + length_after_image + snapshot_digest_bytes != size
+            ):
                 raise SnapshotError("snapshot length does not match its header")
             digest = hashlib.blake2b(digest_size=snapshot_digest_bytes, person=b"tonle-snapshot1")
-            for part in (prefix, encoded_header, image_length_bytes):
+            for part in (prefix, encoded_header, image_length_bytes) if version == 1 else (prefix, encoded_header):
                 digest.update(part)
             for chunk in _read_dropping_behind(source, image_length):
                 digest.update(chunk)
+            digest.update(source.read(length_after_image))
             if source.read(snapshot_digest_bytes) != digest.digest():
                 raise SnapshotError("snapshot digest does not match: the file is damaged")
     except OSError as error:

@@ -2,12 +2,18 @@
 
 import ctypes
 import dataclasses
+import errno
+import hashlib
 import mmap
 import os
+import pathlib
+import struct
+import threading
 
 import pytest
 
 from consensus.entries import Issue, OpenAccount, Transfer, signature_is_valid
+from consensus.raft import snapshot
 from consensus.raft.snapshot import (
     SnapshotError,
     SnapshotHeader,
@@ -207,3 +213,80 @@ def test_a_large_image_read_through_leaves_no_page_cached_whatever_the_folio_siz
         source.seek(12345)  # an image starts after a header of any length
         assert sum(len(chunk) for chunk in _read_dropping_behind(source, (48 << 20) - 12345)) == (48 << 20) - 12345
     assert _cached_pages(path) == 0
+
+
+def _as_format_version_1(path) -> None:
+    """Rewrite a snapshot in format version 1: the image's length before the image, not after it."""
+    data = path.read_bytes()
+    magic, _version, header_length = struct.unpack(">8sII", data[:16])
+    header_end = 16 + header_length
+    image, length = data[header_end:-40], data[-40:-32]
+    body = struct.pack(">8sII", magic, 1, header_length) + data[16:header_end] + length + image
+    path.write_bytes(body + hashlib.blake2b(body, digest_size=32, person=b"tonle-snapshot1").digest())
+
+
+def test_a_snapshot_in_the_previous_format_is_still_read_and_installed(tmp_path, network):
+    # A node upgraded in place starts from the snapshot an older version wrote.
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 6)
+    path = tmp_path / "snapshot.bin"
+    header = snapshot_of(source, path, network)
+    _as_format_version_1(path)
+    assert path.read_bytes()[8:12] == (1).to_bytes(4, "big")
+    target = new_store(tmp_path / "b", network)
+    parsed, installed = restore_from_snapshot(path, target, network.genesis.cluster_id)
+    assert installed and parsed == header
+    assert target.summary() == source.summary()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_snapshot_cut_short_anywhere_is_refused(tmp_path, network, version):
+    store = new_store(tmp_path / "a", network)
+    advance(store, network, 3)
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(store, path, network)
+    if version == 1:
+        _as_format_version_1(path)
+    whole = path.read_bytes()
+    for length in (0, 10, 20, 100, len(whole) // 2, len(whole) - 40, len(whole) - 33, len(whole) - 1):
+        path.write_bytes(whole[:length])
+        with pytest.raises(SnapshotError):
+            read_header(path)
+
+
+def test_a_state_larger_than_the_flush_step_streams_into_a_snapshot_that_installs(tmp_path, network, monkeypatch):
+    # The image is synced and dropped from the page cache every `_write_flush_bytes` as LMDB streams it.
+    monkeypatch.setattr(snapshot, "_write_flush_bytes", 16 << 10)
+    monkeypatch.setattr(snapshot, "_pipe_bytes", 4096)  # the helper reads at most a page at a time
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 60)
+    path = tmp_path / "snapshot.bin"
+    header = snapshot_of(source, path, network)
+    assert os.path.getsize(path) > 4 * (16 << 10)
+    target = new_store(tmp_path / "b", network)
+    parsed, installed = restore_from_snapshot(path, target, network.genesis.cluster_id)
+    assert installed and parsed == header
+    assert target.summary() == source.summary()
+
+
+def test_a_snapshot_that_cannot_be_written_raises_the_write_error_instead_of_hanging(tmp_path, network, monkeypatch):
+    # /dev/full fails every write with ENOSPC: the helper stops reading the pipe LMDB writes into, and LMDB
+    # must then fail too rather than block on a full pipe (a page: much smaller than the image).
+    monkeypatch.setattr(snapshot, "_pipe_bytes", 4096)
+    store = new_store(tmp_path / "a", network)
+    advance(store, network, 60)
+    outcome: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            snapshot_of(store, pathlib.Path("/dev/full"), network)
+        except BaseException as error:  # noqa: BLE001 - inspected below
+            outcome.append(error)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "writing a snapshot to a full disk hung"
+    assert len(outcome) == 1 and isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC, outcome
+    with store.write() as transaction:  # the store is not left with a stuck reader or writer
+        transaction.applied_index()
