@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -180,15 +181,36 @@ def _map_size(path: Path) -> int:
 # Measuring -------------------------------------------------------------------------------------------
 
 
+def _recorded_transfers(data_dir: Path) -> int:
+    environment = lmdb.open(str(data_dir / "state"), readonly=True, max_dbs=64, map_size=_map_size(data_dir / "state"))
+    try:
+        with environment.begin() as transaction:
+            return transaction.stat(environment.open_db(b"transfers", txn=transaction, create=False))["entries"]
+    finally:
+        environment.close()
+
+
+# Every run adds its transfers to the kept state; past this share over what was built, the state is built again,
+# so runs compare like with like (a small state, built in seconds, grew ninefold over a day of runs and slowed).
+kept_state_growth_max = 0.25
+
+
 def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]:
     """Create a network in `directory` whose validators start from a built state; kept for later runs
-    (`DIR/scale.json` records what was built, so a second run measures without building again)."""
+    (`DIR/scale.json` records what was built, so a second run measures without building again) until the
+    runs' own transfers have grown it by `kept_state_growth_max`."""
     record_path = directory / "scale.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if (record["accounts"], record["preloaded_transfers"]) == (accounts, transfers):
+        if (record["accounts"], record["preloaded_transfers"]) != (accounts, transfers):
+            raise FileExistsError(f"{directory} holds a state of another size; remove it or use another --dir")
+        cluster = LocalCluster.load(directory)
+        held = _recorded_transfers(cluster.nodes[cluster.validators()[0]].data_dir)
+        if held <= (transfers + accounts) * (1 + kept_state_growth_max):  # built: the transfers and a funding each
             return record
-        raise FileExistsError(f"{directory} holds a state of another size; remove it or use another --dir")
+        print(f"{directory} holds {held:,} transfers, more than {kept_state_growth_max:.0%} over what was built: "
+              "building it again", file=sys.stderr)
+        shutil.rmtree(directory)
     estimate_bytes = (accounts * 2 + transfers) * 1600 + (1 << 30)
     cluster = LocalCluster.create(
         directory, validators=3, institutions=2, institution_nodes=False, accounts_per_currency=1, raft=scale_raft,
@@ -235,13 +257,61 @@ def warm_page_cache(data_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def _recorded_transfers(data_dir: Path) -> int:
-    environment = lmdb.open(str(data_dir / "state"), readonly=True, max_dbs=64, map_size=_map_size(data_dir / "state"))
-    try:
-        with environment.begin() as transaction:
-            return transaction.stat(environment.open_db(b"transfers", txn=transaction, create=False))["entries"]
-    finally:
-        environment.close()
+# The disk probe: writers (one per validator, as the nodes share this machine's disk), each writing random
+# pages into its own file and fsyncing every `disk_probe_pages_per_sync` of them, as an LMDB commit does.
+disk_probe_file_bytes = 256 << 20
+disk_probe_pages_per_sync = 1024
+disk_probe_seconds = 5.0
+disk_page_bytes = 4096
+
+
+def random_page_writes_per_second(directory: Path, writers: int) -> float:
+    """The disk's ceiling for the pages a transfer writes at random: 4 KiB pages at random places in
+    preallocated files, fsynced in batches, from `writers` threads at once (pwrite and fdatasync release the
+    GIL). Returns pages per second, all writers together."""
+    deadline = time.perf_counter() + disk_probe_seconds
+    counts = [0] * writers
+
+    def write(number: int) -> None:
+        path = directory / f".disk-probe-{number}"
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(descriptor, 0, disk_probe_file_bytes)
+            os.fsync(descriptor)
+            page = os.urandom(disk_page_bytes)
+            generator = random.Random(number)
+            while time.perf_counter() < deadline:
+                for _ in range(disk_probe_pages_per_sync):
+                    os.pwrite(descriptor, page, generator.randrange(disk_probe_file_bytes // disk_page_bytes) * disk_page_bytes)
+                os.fdatasync(descriptor)
+                counts[number] += disk_probe_pages_per_sync
+        finally:
+            os.close(descriptor)
+            path.unlink()
+
+    threads = [threading.Thread(target=write, args=(number,), name=f"disk-probe-{number}") for number in range(writers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def block_device(path: Path) -> str | None:
+    """The name /proc/diskstats knows the disk holding `path` by, or None (an overlay, a tmpfs)."""
+    device = os.stat(path).st_dev
+    link = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    return link.resolve().name if link.exists() else None
+
+
+def disk_writes(device: str) -> tuple[int, int]:
+    """(write requests completed, bytes written) on a block device since boot, from /proc/diskstats."""
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == device:
+            return int(fields[7]), int(fields[9]) * 512  # diskstats counts 512-byte sectors whatever the disk
+    raise LookupError(f"{device} is not in /proc/diskstats")
 
 
 def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, seed: int, warm: bool = True) -> dict[str, Any]:
@@ -257,6 +327,10 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         # Before the nodes start: a node that is behind catches up at the speed of its page cache.
         print("reading the randomly written databases of every node into the page cache", file=sys.stderr)
         document["warm_seconds"] = round(sum(warm_page_cache(cluster.nodes[name].data_dir) for name in cluster.validators()), 1)
+    device = block_device(first)
+    if device is not None:
+        print(f"measuring random page writes on {device}, the nodes' disk", file=sys.stderr)
+        document["disk_page_writes_per_second"] = round(random_page_writes_per_second(first, len(cluster.validators())))
     cluster.start()
     try:
         leader = cluster.wait_for_leader(timeout_seconds=start_seconds_max)
@@ -269,6 +343,7 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid}
         cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
         faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
+        disk_before = disk_writes(device) if device is not None else None
         address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
         cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
@@ -277,6 +352,14 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
         faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
         document["disk_reads_per_transfer"] = round(faults / max(1, peak.acknowledged), 3)
+        if device is not None:
+            # Every write the disk completed while the network ran, whoever asked: a bench machine runs nothing else.
+            requests, written = (after - before for after, before in zip(disk_writes(device), disk_before, strict=True))
+            document["disk_writes_per_transfer"] = round(requests / max(1, peak.acknowledged), 2)
+            document["disk_bytes_written_per_transfer"] = round(written / max(1, peak.acknowledged))
+            # Counting every write as a random page, though the journal's and the history's are appended, so the
+            # disk allows at least this much: the figure to read the large state's throughput against.
+            document["disk_ceiling_transfers_per_second"] = round(document["disk_page_writes_per_second"] / max(requests / max(1, peak.acknowledged), 1e-9))
         document["node_memory_bytes"] = {name: bench.node_memory(pid) for name, pid in pids.items()}
     finally:
         cluster.kill()
@@ -307,6 +390,11 @@ def render_scale(document: dict[str, Any]) -> str:
     rows.append(("committed transfers/s", f"{small['transfers_per_second']:,.0f}", f"{large['transfers_per_second']:,.0f}"))
     rows.append(("node CPU per transfer (all nodes)", f"{small['node_cpu_microseconds_per_transfer']:,.0f} us",
                  f"{large['node_cpu_microseconds_per_transfer']:,.0f} us"))
+    if all("disk_ceiling_transfers_per_second" in side for side in (small, large)):
+        rows.append(("disk writes per transfer (all nodes)", *(f"{side['disk_writes_per_transfer']:.1f} ({side['disk_bytes_written_per_transfer'] / 1024:.0f} KiB)" for side in (small, large))))
+        rows.append(("random 4 KiB writes/s the disk takes", *(f"{side['disk_page_writes_per_second']:,}" for side in (small, large))))
+        rows.append(("  ÷ writes per transfer: disk ceiling", *(f"{side['disk_ceiling_transfers_per_second']:,}/s" for side in (small, large))))
+        rows.append(("  committed / disk ceiling", *(f"{side['transfers_per_second'] / side['disk_ceiling_transfers_per_second']:.0%}" for side in (small, large))))
     rows.append(("disk reads per transfer (all nodes)", *(f"{side['disk_reads_per_transfer']:.2f}" for side in (small, large))))
     for field, label in (("VmRSS", "node resident memory, max"), ("RssAnon", "  of which process heap"),
                          ("RssFile", "  of which mapped LMDB pages")):
