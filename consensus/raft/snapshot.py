@@ -33,7 +33,7 @@ _copy_chunk_bytes = 1 << 20
 # The page cache holds a file in folios of up to 2 MiB (x86-64 large folios) and drops only folios wholly
 # inside an advised range, so each drop reaches back this far over the previous chunk's boundary.
 _drop_overlap_bytes = 8 << 20
-# While a snapshot is written, every this many bytes are synced and dropped from the page cache.
+# While a snapshot is written, every this many bytes are handed to writeback and then dropped from the cache.
 _write_flush_bytes = 64 << 20
 # The pipe LMDB streams the image through (the kernel's default is 64 KiB; larger means fewer wake-ups).
 _pipe_bytes = 1 << 20
@@ -128,10 +128,10 @@ def _stream_image(store: LedgerStore, as_of: StateTransaction | None, output: Bi
     """Append a compact copy of the state to `output`, hashing it on the way; returns its length in bytes.
 
     LMDB writes the copy into a pipe on this thread (the one that owns `as_of`); a helper thread hashes it,
-    appends it to the file, and syncs and drops every `_write_flush_bytes` from the page cache. So the image
-    is written once, with no scratch copy as large as the state, and never fills the page cache. If the file
-    cannot be written, the helper closes the pipe, LMDB's next write fails instead of blocking, and the
-    helper's error is raised.
+    appends it to the file, and every `_write_flush_bytes` starts writeback of what it wrote and drops it
+    from the page cache a step later. So the image is written once, with no scratch copy as large as the
+    state, and never fills the page cache. If the file cannot be written, the helper closes the pipe, LMDB's
+    next write fails instead of blocking, and the helper's error is raised.
     """
     read_end, write_end = os.pipe()
     with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default size works too
@@ -139,19 +139,20 @@ def _stream_image(store: LedgerStore, as_of: StateTransaction | None, output: Bi
     outcome: dict[str, Any] = {}
 
     def drain() -> None:
-        length = synced = 0
+        length = advised = 0
         try:
             while chunk := os.read(read_end, _copy_chunk_bytes):
                 output.write(chunk)
                 digest.update(chunk)
                 length += len(chunk)
-                if length - synced >= _write_flush_bytes:
+                if length - advised >= _write_flush_bytes:
+                    # DONTNEED starts writing back the step just written, without waiting for it (no forced
+                    # fsync for the apply's to queue behind), and drops the step before, written back by now.
                     output.flush()
-                    os.fdatasync(output.fileno())
                     end = output.tell()
-                    low = max(0, end - (length - synced) - _drop_overlap_bytes)
+                    low = max(0, end - 2 * (length - advised) - _drop_overlap_bytes)
                     os.posix_fadvise(output.fileno(), low, end - low, os.POSIX_FADV_DONTNEED)
-                    synced = length
+                    advised = length
             outcome["length"] = length
         except BaseException as error:  # noqa: BLE001 - handed to the writing thread, which raises it
             outcome["error"] = error
