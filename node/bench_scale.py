@@ -5,6 +5,7 @@ by the real apply and installed as a Raft snapshot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -13,6 +14,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -181,13 +183,19 @@ def _map_size(path: Path) -> int:
 # Measuring -------------------------------------------------------------------------------------------
 
 
-def _recorded_transfers(data_dir: Path) -> int:
+@contextlib.contextmanager
+def _node_state(data_dir: Path) -> Iterator[lmdb.Environment]:
+    """A stopped node's LMDB state, opened read-only by LMDB itself (with readahead, which the node turns off)."""
     environment = lmdb.open(str(data_dir / "state"), readonly=True, max_dbs=64, map_size=_map_size(data_dir / "state"))
     try:
-        with environment.begin() as transaction:
-            return transaction.stat(environment.open_db(b"transfers", txn=transaction, create=False))["entries"]
+        yield environment
     finally:
         environment.close()
+
+
+def _recorded_transfers(data_dir: Path) -> int:
+    with _node_state(data_dir) as environment, environment.begin() as transaction:
+        return transaction.stat(environment.open_db(b"transfers", txn=transaction, create=False))["entries"]
 
 
 # Every run adds its transfers to the kept state; past this share over what was built, the state is built again,
@@ -245,15 +253,12 @@ def warm_page_cache(data_dir: Path) -> float:
     """Read every page of the databases a transfer writes at random, as a node that has been running holds
     them in memory; a node just started from a copied file would otherwise measure the disk. Returns seconds."""
     started = time.perf_counter()
-    environment = lmdb.open(str(data_dir / "state"), readonly=True, max_dbs=64, map_size=_map_size(data_dir / "state"))
-    try:
+    with _node_state(data_dir) as environment:
         for name in randomly_written_databases:
             database = environment.open_db(name.encode(), create=False)
             with environment.begin(db=database) as transaction:
                 for _key in transaction.cursor().iternext(keys=True, values=False):
                     pass
-    finally:
-        environment.close()
     return time.perf_counter() - started
 
 
