@@ -363,6 +363,9 @@ class RaftNode:
         raft_directory = data_dir / "raft"
         raft_directory.mkdir(parents=True, exist_ok=True)
         self._snapshot_path = raft_directory / "snapshot.bin"
+        # The last snapshot file verified, by identity, with read_header's answer: at start-up the local
+        # snapshot is checked, then pysyncobj loads that same file, and it is as large as the state.
+        self._verified_snapshot: tuple[tuple[int, int, int, int], tuple[SnapshotHeader, int, int]] | None = None
         self._journal = DurableJournal(raft_directory / "journal", fsync_enabled=True, observer=journal_observer)
         self._apply_lock = threading.Lock()
         # Started before pysyncobj, whose tick thread hands it committed entries from its first tick.
@@ -597,7 +600,10 @@ class RaftNode:
         """Called by pysyncobj at start-up and when a leader sends a snapshot. Rolls forward only."""
         self._apply_thread.drain()  # entries handed over before the snapshot arrived apply first, in order
         with self._apply_lock:
-            header, installed = restore_from_snapshot(Path(file_name), self._store, self._genesis.cluster_id)
+            path = Path(file_name)
+            header, installed = restore_from_snapshot(
+                path, self._store, self._genesis.cluster_id, verified=self._read_snapshot_header(path)
+            )
         if installed:
             logger.warning("installed snapshot: state now at index %d", header.applied_index)
         else:
@@ -605,13 +611,27 @@ class RaftNode:
         voters = {TCPNode(address) for address in header.voters}
         return (header.last_entry, header.previous_entry, voters)
 
+    def _read_snapshot_header(self, path: Path) -> tuple[SnapshotHeader, int, int]:
+        """read_header, once per file: the same path, inode, size and modification time is not read again (a
+        snapshot written or received replaces the file, so it is a new one)."""
+        try:
+            status = path.stat()
+        except OSError:
+            return read_header(path)  # raises SnapshotError naming what is wrong
+        identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        if self._verified_snapshot is not None and self._verified_snapshot[0] == identity:
+            return self._verified_snapshot[1]
+        verified = read_header(path)
+        self._verified_snapshot = (identity, verified)
+        return verified
+
     def _repair_damaged_snapshot(self) -> None:
         """A damaged local snapshot file would leave pysyncobj unable to find where its log starts; when the
         state already covers the log's first entries, write a fresh snapshot from the state instead."""
         if not self._snapshot_path.exists():
             return
         try:
-            read_header(self._snapshot_path)
+            self._read_snapshot_header(self._snapshot_path)
             return
         except SnapshotError as error:
             problem = error

@@ -274,15 +274,18 @@ def install_snapshot(path: Path, header: SnapshotHeader, image_offset: int, imag
             image.close()
 
 
-def restore_from_snapshot(path: Path, store: LedgerStore, cluster_id: str) -> tuple[SnapshotHeader, bool]:
+def restore_from_snapshot(
+    path: Path, store: LedgerStore, cluster_id: str, verified: tuple[SnapshotHeader, int, int] | None = None
+) -> tuple[SnapshotHeader, bool]:
     """Roll the store forward to a snapshot, never back. Returns the header and whether it was installed.
 
     pysyncobj hands its deserializer every snapshot it loads, at start-up and from a leader, and would
     then set its applied index to the snapshot's even when that is older than what this node applied
     (research/pysyncobj.md §4.5). Keeping the newer local state is safe: applied entries are committed,
-    and the apply skips every index at or below the one the store records.
+    and the apply skips every index at or below the one the store records. `verified` is read_header's
+    answer for this file, when the caller has it already.
     """
-    header, image_offset, image_length = read_header(path)
+    header, image_offset, image_length = read_header(path) if verified is None else verified
     if header.cluster_id != cluster_id:
         raise SnapshotError(f"snapshot is for network {header.cluster_id!r}, not {cluster_id!r}")
     if header.applied_index <= store.summary().applied_index:

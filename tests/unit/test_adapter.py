@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ from consensus.batch import Batch, encode_batch
 from consensus.entries import OpenAccount, sign_entry, signature_is_valid
 from consensus.raft import journal as journal_module
 from consensus.raft import adapter as adapter_module
+from consensus.raft import snapshot as snapshot_module
 from consensus.raft.adapter import RaftEvents, RaftNode
 from consensus.raft.snapshot import read_header
 from consensus.raft.transport import SecureTransport
@@ -66,7 +68,13 @@ def _wait(condition, what: str) -> None:
 
 
 @pytest.fixture
-def network(tmp_path: Path, monkeypatch):
+def node_keys() -> list[SigningKey]:
+    """The validators' keys, for a test that restarts one of them."""
+    return [SigningKey.generate() for _ in range(3)]
+
+
+@pytest.fixture
+def network(tmp_path: Path, monkeypatch, node_keys):
     """Three validators in this process, with every send recorded alongside the journal's state."""
     sends: list[dict] = []
     lock = threading.Lock()
@@ -86,7 +94,6 @@ def network(tmp_path: Path, monkeypatch):
         return result
 
     monkeypatch.setattr(SecureTransport, "send", recording_send)
-    node_keys = [SigningKey.generate() for _ in range(3)]
     institution_key = SigningKey.generate()
     ports = _ports(9)
     specs = tuple(
@@ -330,3 +337,32 @@ def test_the_leader_goes_on_committing_while_it_writes_a_snapshot_and_keeps_its_
     assert header.applied_index >= header.last_entry[1]
     assert leader._journal[0][1] <= header.last_entry[1], "the journal lost entries the snapshot does not hold"
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+
+
+def test_a_node_starting_on_a_snapshot_reads_it_once(network, node_keys, monkeypatch, tmp_path, caplog):
+    # Start-up checks the local snapshot, then pysyncobj loads it: a state-sized file, verified once.
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    follower = next(node for node in nodes if node is not leader)
+    number = nodes.index(follower)
+    _propose_accounts(leader, genesis, key, [f"once{index}" for index in range(5)])
+    follower._syncobj.forceLogCompaction()
+    _wait(lambda: follower._snapshot_path.exists(), "the follower to write a snapshot")
+    follower.destroy()
+    caplog.set_level(logging.INFO, logger="tonle.raft")
+    reads = []
+
+    def counting(read):
+        def wrapper(path):
+            reads.append(path)
+            return read(path)
+        return wrapper
+
+    monkeypatch.setattr(adapter_module, "read_header", counting(adapter_module.read_header))
+    monkeypatch.setattr(snapshot_module, "read_header", counting(snapshot_module.read_header))
+    restarted = RaftNode(genesis=genesis, node=follower._node, node_key=node_keys[number],
+                         data_dir=tmp_path / follower._node.name, raft_config=raft, store=stores[number],
+                         verify=signature_is_valid, events=events[number])
+    nodes[number] = restarted  # the fixture destroys it
+    _wait(lambda: "ignoring snapshot" in caplog.text, "pysyncobj to load the snapshot (older than the state)")
+    assert reads == [follower._snapshot_path], reads
