@@ -229,14 +229,19 @@ async def one_in_flight(address: str, workload: Workload, seconds: float) -> Pha
 # Measuring the nodes ---------------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses): the state is [0]."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def major_faults(pid: int) -> int:
     """Page faults that had to read from disk: a node whose working set is in the page cache makes few."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[9])
+    return int(_stat_fields(pid)[9])
 
 
 def node_memory(pid: int) -> dict[str, int]:
