@@ -27,6 +27,7 @@ from node.client import AsyncClient, ClientError, new_transfer_id
 from config.schema import log_compaction_entries_default
 from node.cluster import LocalCluster, local_raft
 from node.load import Progress
+from node.metrics import stat_fields
 
 # How the run is split; --duration scales every timed phase.
 peak_share = 0.35
@@ -229,19 +230,14 @@ async def one_in_flight(address: str, workload: Workload, seconds: float) -> Pha
 # Measuring the nodes ---------------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name (which may hold spaces and parentheses): the state is [0]."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
 def _cpu_seconds(pid: int) -> float:
-    fields = _stat_fields(pid)
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def major_faults(pid: int) -> int:
     """Page faults that had to read from disk: a node whose working set is in the page cache makes few."""
-    return int(_stat_fields(pid)[9])
+    return int(stat_fields(Path(f"/proc/{pid}/stat"))[9])
 
 
 def node_memory(pid: int) -> dict[str, int]:

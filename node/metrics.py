@@ -252,14 +252,18 @@ def thread_role(name: str) -> str:
     return "other"
 
 
+def stat_fields(path: Path) -> list[str]:
+    """The fields of a /proc/.../stat file after the command name, which may hold spaces and parentheses:
+    the state is [0], minor and major faults [7] and [9], user and system CPU ticks [11] and [12] (proc(5))."""
+    return path.read_text().rpartition(")")[2].split()
+
+
 def thread_cpu_seconds(native_id: int) -> tuple[float, float] | None:
     """(user, system) CPU seconds of one thread of this process, or None once it has exited (Linux)."""
     try:
-        stat = (_task_directory / str(native_id) / "stat").read_text()
+        fields = stat_fields(_task_directory / str(native_id) / "stat")
     except OSError:
         return None
-    # The name in parentheses may hold spaces; utime and stime are fields 14 and 15 (proc(5)).
-    fields = stat.rpartition(")")[2].split()
     return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second
 
 
