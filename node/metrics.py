@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from consensus.raft.apply_thread import apply_group_entries_max
+
 # `_created` series double the series count of every counter and histogram, and no alert or panel reads them.
 disable_created_metrics()
 
@@ -23,6 +25,7 @@ latency_buckets_seconds = tuple(0.001 * 2.0**k for k in range(15))
 # under a millisecond. From 1 ms up the boundaries coincide with latency_buckets_seconds.
 short_latency_buckets_seconds = tuple(0.001 * 2.0**k for k in range(-4, 15))
 batch_entry_buckets = tuple(float(2**k) for k in range(13))
+apply_batch_buckets = tuple(float(count) for count in range(1, apply_group_entries_max + 1))
 
 # pysyncobj's FAIL_REASON names (lower case, as the adapter reports them) plus the node's own timeout.
 # Exported at zero from the start so a rate over them exists before the first failure.
@@ -184,8 +187,15 @@ class NodeMetrics:
         )
         self.apply = Histogram(
             "tonle_commit_apply_seconds",
-            "Duration of applying one batch in one LMDB transaction." + _short_note,
+            "Duration of one apply LMDB transaction, commit included: one batch, or the batches that were"
+            " waiting when the apply took the next (tonle_commit_apply_batches)." + _short_note,
             buckets=short_latency_buckets_seconds,
+            registry=registry,
+        )
+        self.apply_batches = Histogram(
+            "tonle_commit_apply_batches",
+            "Batches applied per LMDB transaction: more than one when the apply had fallen behind.",
+            buckets=apply_batch_buckets,
             registry=registry,
         )
         self.batch_entries = Histogram(

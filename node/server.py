@@ -117,20 +117,26 @@ class _Events(RaftEvents):
     def __init__(self, node: LedgerNode) -> None:
         self._node = node
 
-    def applied(self, batch: AppliedBatch, apply_seconds: float) -> None:
+    def applied(self, batches: list[AppliedBatch], transaction_seconds: float) -> None:
         node = self._node
-        node.metrics.apply.observe(apply_seconds)
-        node.metrics.batch_entries.observe(len(batch.outcomes))
-        for result, count in Counter(outcome.result for outcome in batch.outcomes).items():
-            node.metrics.entries_applied.labels(result).inc(count)
-        node.metrics.applied_index.set(batch.index)
-        try:
-            node.loop.call_soon_threadsafe(node.on_applied, batch)
-        except RuntimeError:
-            # A clean stop closes the event loop while the tick thread may still apply a batch: the batch is
-            # durable, only the clients' replies are gone with the loop. Anything else is a real failure.
-            if not node.loop.is_closed():
-                raise
+        node.metrics.apply.observe(transaction_seconds)
+        node.metrics.apply_batches.observe(len(batches))
+        for batch in batches:
+            node.metrics.batch_entries.observe(len(batch.outcomes))
+            for result, count in Counter(outcome.result for outcome in batch.outcomes).items():
+                node.metrics.entries_applied.labels(result).inc(count)
+        if not batches:
+            return
+        node.metrics.applied_index.set(batches[-1].index)
+        for batch in batches:
+            try:
+                node.loop.call_soon_threadsafe(node.on_applied, batch)
+            except RuntimeError:
+                # A clean stop closes the event loop while the apply thread may still apply a batch: the batch is
+                # durable, only the clients' replies are gone with the loop. Anything else is a real failure.
+                if not node.loop.is_closed():
+                    raise
+                return
 
     def before_apply(self, batch_bytes: bytes) -> None:
         self._node.verifier.wait_for_batch(batch_bytes)

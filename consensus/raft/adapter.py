@@ -22,7 +22,7 @@ from pysyncobj.serializer import Serializer
 from config.keys import sync_directory
 from config.schema import Genesis, NodeRole, NodeSpec, RaftConfig
 from consensus.entries import SignedEntry
-from consensus.raft.apply_thread import ApplyThread
+from consensus.raft.apply_thread import ApplyThread, apply_group_entries_max
 from consensus.raft.journal import DurableJournal, JournalError, JournalObserver
 from consensus.raft.snapshot import (
     SnapshotError,
@@ -77,7 +77,9 @@ class RaftStatus:
 class RaftEvents:
     """Callbacks from the tick thread. The node overrides what it needs; each must return quickly."""
 
-    def applied(self, batch: AppliedBatch, apply_seconds: float) -> None: ...
+    def applied(self, batches: list[AppliedBatch], transaction_seconds: float) -> None:
+        """After the commit of one apply transaction: the batches it applied (none, if all were replays or
+        no-ops) and how long the transaction took, commit included."""
 
     def role_changed(self, old_role: str, new_role: str) -> None: ...
 
@@ -542,29 +544,34 @@ class RaftNode:
         )
 
     def _on_state_changed(self, old_state: int, new_state: int) -> None:
+        # The leader's apply answers the clients: grouping would hold the first batch's replies for the apply
+        # of the batches behind it. A follower's apply only has to keep up, so it groups what is waiting.
+        self._apply_thread.group_entries_max = 1 if _state_names.get(new_state) == "leader" else apply_group_entries_max
         if self._node.role is NodeRole.VALIDATOR:
             self._events.role_changed(_state_names.get(old_state, "?"), _state_names.get(new_state, "?"))
 
     # Apply ----------------------------------------------------------------------------------------------
 
-    def _apply(self, index: int, command: bytes) -> None:
+    def _apply(self, group: list[tuple[int, bytes]]) -> None:
+        """Apply committed entries in one LMDB transaction: all of them are durable, or none (a crash replays
+        them from the journal). Their results go out only after the commit."""
+        index = group[0][0]
         try:
-            regular = command[:1] == command_type_regular
-            if regular:
-                self._events.before_apply(command[1:])
             started = monotonic_time()
+            batches: list[AppliedBatch] = []
             with self._apply_lock, self._store.write() as transaction:
-                if regular:
+                for index, command in group:
+                    if command[:1] != command_type_regular:
+                        apply_no_op(transaction, index)
+                        continue
+                    self._events.before_apply(command[1:])
                     applied = apply_batch(
                         transaction, index, command[1:], self._verify, self._genesis.cluster_id, decoded=self._decoded
                     )
                     if applied is not None:
                         self._events.before_commit(transaction, applied)
-                else:
-                    apply_no_op(transaction, index)
-                    applied = None
-            if applied is not None:
-                self._events.applied(applied, monotonic_time() - started)
+                        batches.append(applied)
+            self._events.applied(batches, monotonic_time() - started)
         except BaseException as error:  # noqa: BLE001 - any failure here must stop the node, not wedge it
             logger.critical("apply of index %d failed; stopping: %r", index, error, exc_info=True)
             self._events.fatal(f"apply of raft index {index} failed: {error!r}")

@@ -39,11 +39,13 @@ raft = RaftConfig(
 class _Events(RaftEvents):
     def __init__(self) -> None:
         self.applied_indexes: list[int] = []
+        self.transaction_batches: list[int] = []  # batches per apply transaction
         self.apply_allowed = threading.Event()  # cleared by a test to hold this node's apply
         self.apply_allowed.set()
 
-    def applied(self, batch, apply_seconds) -> None:
-        self.applied_indexes.append(batch.index)
+    def applied(self, batches, transaction_seconds) -> None:
+        self.applied_indexes.extend(batch.index for batch in batches)
+        self.transaction_batches.append(len(batches))
 
     def before_apply(self, batch_bytes: bytes) -> None:
         if not self.apply_allowed.wait(wait_seconds):
@@ -286,6 +288,26 @@ def test_the_leader_goes_on_committing_while_its_apply_is_held(network):
     followers = [store for store in stores if store is not leader_store]
     _wait(lambda: all(store.summary().applied_index >= target for store in followers), "the followers to apply")
     events[nodes.index(leader)].apply_allowed.set()
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+    # The leader's apply answers clients: it never holds a batch's replies for the batches queued behind it.
+    assert max(events[nodes.index(leader)].transaction_batches) == 1
+
+
+def test_batches_waiting_for_a_held_apply_are_applied_together_in_one_transaction_each_once(network):
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    follower = next(node for node in nodes if node is not leader)
+    follower_store, follower_events = stores[nodes.index(follower)], events[nodes.index(follower)]
+    follower_events.apply_allowed.clear()
+    target = _propose_accounts(leader, genesis, key, [f"group{number}" for number in range(6)])
+    _wait(lambda: follower._syncobj.raftLastApplied >= target, "the follower to hand the entries to its apply")
+    transactions_before = len(follower_events.transaction_batches)
+    follower_events.apply_allowed.set()
+    _wait(lambda: follower_store.summary().applied_index >= target, "the follower to apply")
+    applied = follower_events.applied_indexes
+    assert applied == sorted(set(applied)), "a batch was applied twice or out of order"
+    grouped = follower_events.transaction_batches[transactions_before:]
+    assert max(grouped) >= 5, f"batches per transaction after the hold: {grouped}"
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from consensus.raft.apply_thread import ApplyStopped, ApplyThread, apply_queue_entries_max
+from consensus.raft.apply_thread import ApplyStopped, ApplyThread, apply_group_entries_max, apply_queue_entries_max
 from tests.waiting import wait_until
 
 wait_seconds = 10.0
@@ -26,11 +26,14 @@ class _HeldApply:
         self.release.set()
         self.started = threading.Event()
 
-    def __call__(self, index: int, command: bytes) -> None:
+        self.groups: list[int] = []  # entries per call
+
+    def __call__(self, group: list[tuple[int, bytes]]) -> None:
         self.started.set()
         if not self.release.wait(wait_seconds):
             raise AssertionError("the test never released the apply")
-        self.applied.append((index, command))
+        self.applied.extend(group)
+        self.groups.append(len(group))
 
 
 def _held_thread(entries: int, queue_entries_max: int = 8) -> tuple[ApplyThread, _HeldApply]:
@@ -100,11 +103,11 @@ def test_drain_returns_only_when_everything_handed_over_is_applied():
 
 
 def test_a_failed_apply_makes_handing_over_and_draining_raise_instead_of_waiting_forever():
-    def failing_apply(index: int, command: bytes) -> None:
-        if index == 2:
+    def failing_apply(group: list[tuple[int, bytes]]) -> None:
+        if any(index == 2 for index, _ in group):
             raise RuntimeError("disk gone")
 
-    thread = ApplyThread(failing_apply, queue_entries_max=2)
+    thread = ApplyThread(failing_apply, queue_entries_max=2, group_entries_max=1)
     thread.hand(1, b"ok")
     thread.hand(2, b"fails")
     with pytest.raises(ApplyStopped, match="disk gone"):
@@ -127,13 +130,46 @@ def test_stop_applies_what_is_queued_then_ends_the_thread():
 def test_a_function_waiting_for_an_index_runs_once_that_index_is_applied_and_not_before():
     thread, apply = _held_thread(3)
     calls: list[str] = []
-    thread.after_applied(2, lambda: calls.append(f"after 2, applied {len(apply.applied)}"))
+    thread.after_applied(2, lambda: calls.append(f"after 2, index 2 applied: {2 in [i for i, _ in apply.applied]}"))
     time.sleep(0.2)
     assert calls == []
     apply.release.set()
     thread.drain()
     _wait(lambda: calls, "the function to run")
-    assert calls == ["after 2, applied 2"]
+    assert calls == ["after 2, index 2 applied: True"]
     thread.after_applied(1, lambda: calls.append("already applied"))  # runs at once, on this thread
     assert calls[-1] == "already applied"
     assert thread.stop(wait_seconds)
+
+
+def test_entries_waiting_behind_a_slow_apply_are_taken_together_up_to_the_group_bound():
+    group_entries_max = 3
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=16, group_entries_max=group_entries_max)
+    thread.hand(1, b"first")
+    assert apply.started.wait(wait_seconds)  # the thread holds entry 1 alone; 2..8 queue behind it
+    for index in range(2, 9):
+        thread.hand(index, b"queued")
+    apply.release.set()
+    thread.drain()
+    assert [index for index, _ in apply.applied] == list(range(1, 9))
+    assert apply.groups == [1, 3, 3, 1]
+    assert thread.last_applied_index == 8
+    assert thread.stop(wait_seconds)
+
+
+def test_an_entry_handed_over_to_an_idle_thread_is_applied_alone():
+    apply = _HeldApply()
+    thread = ApplyThread(apply)
+    for index in range(1, 4):
+        thread.hand(index, b"x")
+        thread.drain()
+    assert apply.groups == [1, 1, 1]
+    assert apply_group_entries_max > 1
+    assert thread.stop(wait_seconds)
+
+
+def test_a_group_bound_below_one_is_refused():
+    with pytest.raises(ValueError, match="group_entries_max"):
+        ApplyThread(lambda group: None, group_entries_max=0)
