@@ -22,7 +22,7 @@ from pysyncobj.serializer import Serializer
 from config.keys import sync_directory
 from config.schema import Genesis, NodeRole, NodeSpec, RaftConfig
 from consensus.entries import SignedEntry
-from consensus.raft.apply_thread import ApplyThread, apply_group_entries_max
+from consensus.raft.apply_thread import ApplyThread, leader_group_backlog_entries_min
 from consensus.raft.journal import DurableJournal, JournalError, JournalObserver
 from consensus.raft.snapshot import (
     SnapshotError,
@@ -544,9 +544,8 @@ class RaftNode:
         )
 
     def _on_state_changed(self, old_state: int, new_state: int) -> None:
-        # The leader's apply answers the clients: grouping would hold the first batch's replies for the apply
-        # of the batches behind it. A follower's apply only has to keep up, so it groups what is waiting.
-        self._apply_thread.group_entries_max = 1 if _state_names.get(new_state) == "leader" else apply_group_entries_max
+        leader = _state_names.get(new_state) == "leader"
+        self._apply_thread.group_backlog_entries_min = leader_group_backlog_entries_min if leader else 1
         if self._node.role is NodeRole.VALIDATOR:
             self._events.role_changed(_state_names.get(old_state, "?"), _state_names.get(new_state, "?"))
 

@@ -28,6 +28,10 @@ liveness_poll_seconds = 0.5
 # Entries applied in one transaction when they are waiting: a bound on what one commit writes and on how long
 # the first entry's results wait for the others' (at most 8 x 57 KiB batches; measured in README, Performance).
 apply_group_entries_max = 8
+# The leader's apply answers the clients, and a group holds its first batch's replies until the last batch in
+# it is applied: the leader groups only once this many entries wait behind the one it takes, when it has
+# fallen behind and they would wait for each other's commits anyway. A follower groups whatever waits.
+leader_group_backlog_entries_min = 3
 
 
 class ApplyStopped(RuntimeError):
@@ -37,10 +41,11 @@ class ApplyStopped(RuntimeError):
 class ApplyThread:
     """One consumer thread applying `(index, command)` pairs in the order they were handed over.
 
-    `apply` runs only on this thread and takes a group: the next entry and those queued behind it, at most
-    `group_entries_max`, in order, to be applied in one transaction. If it raises, the thread records the error and stops taking entries;
-    every later `hand`, `drain` or `wait_until` raises ApplyStopped instead of waiting forever. The caller's `apply` is
-    expected to stop the process on failure first (RaftNode._apply calls the node's fatal handler).
+    `apply` runs only on this thread and takes a group, in order, to be applied in one transaction: the next
+    entry, and those queued behind it (up to `group_entries_max`) when at least `group_backlog_entries_min`
+    are. If it raises, the thread records the error and stops taking entries; every later `hand`, `drain` or
+    `wait_until` raises ApplyStopped instead of waiting forever. The caller's `apply` is expected to stop the
+    process on failure first (RaftNode._apply calls the node's fatal handler).
     """
 
     def __init__(self, apply: Callable[[list[tuple[int, bytes]]], None], *,
@@ -48,8 +53,11 @@ class ApplyThread:
                  name: str = "tonle-apply") -> None:
         if queue_entries_max < 1:
             raise ValueError("queue_entries_max must be at least 1")
+        if group_entries_max < 1:
+            raise ValueError("group_entries_max must be at least 1")
         self._apply = apply
-        self.group_entries_max = group_entries_max  # may be changed while the thread runs (role changes)
+        self._group_entries_max = group_entries_max
+        self._group_backlog_entries_min = 1
         self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=queue_entries_max)
         self._condition = threading.Condition()
         self._unfinished = 0  # handed over and not yet applied
@@ -62,14 +70,15 @@ class ApplyThread:
         self._thread.start()
 
     @property
-    def group_entries_max(self) -> int:
-        return self._group_entries_max
+    def group_backlog_entries_min(self) -> int:
+        return self._group_backlog_entries_min
 
-    @group_entries_max.setter
-    def group_entries_max(self, entries: int) -> None:
+    @group_backlog_entries_min.setter
+    def group_backlog_entries_min(self, entries: int) -> None:
+        """Changed while the thread runs, when the node's role changes (tick thread; an int store is atomic)."""
         if entries < 1:
-            raise ValueError("group_entries_max must be at least 1")
-        self._group_entries_max = entries
+            raise ValueError("group_backlog_entries_min must be at least 1")
+        self._group_backlog_entries_min = entries
 
     @property
     def last_applied_index(self) -> int:
@@ -142,7 +151,9 @@ class ApplyThread:
         if item is None:
             return [], True
         group = [item]
-        while len(group) < self.group_entries_max:
+        if self._queue.qsize() < self._group_backlog_entries_min:
+            return group, False
+        while len(group) < self._group_entries_max:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:

@@ -173,3 +173,31 @@ def test_an_entry_handed_over_to_an_idle_thread_is_applied_alone():
 def test_a_group_bound_below_one_is_refused():
     with pytest.raises(ValueError, match="group_entries_max"):
         ApplyThread(lambda group: None, group_entries_max=0)
+
+
+def test_with_a_backlog_minimum_entries_are_grouped_only_once_that_many_wait():
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=16, group_entries_max=8)
+    thread.group_backlog_entries_min = 3
+    thread.hand(1, b"first")
+    assert apply.started.wait(wait_seconds)  # held with entry 1; 2..6 queue behind it
+    for index in range(2, 7):
+        thread.hand(index, b"queued")
+    apply.release.set()
+    thread.drain()
+    # Entry 2 finds 4 waiting: a group of 2..6. Then nothing waits.
+    assert apply.groups == [1, 5]
+    apply.release.clear()
+    apply.started.clear()
+    thread.hand(7, b"held")
+    assert apply.started.wait(wait_seconds)
+    for index in (8, 9, 10):
+        thread.hand(index, b"two wait behind the next")
+    apply.release.set()
+    thread.drain()
+    # Entry 8 finds 2 waiting, fewer than 3: alone; then entries 9 and 10 alone too.
+    assert apply.groups == [1, 5, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="group_backlog_entries_min"):
+        thread.group_backlog_entries_min = 0
+    assert thread.stop(wait_seconds)
