@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from consensus.raft.apply_thread import apply_group_entries_max
+from consensus.raft.apply_thread import follower_grouping
 
 # `_created` series double the series count of every counter and histogram, and no alert or panel reads them.
 disable_created_metrics()
@@ -25,7 +25,7 @@ latency_buckets_seconds = tuple(0.001 * 2.0**k for k in range(15))
 # under a millisecond. From 1 ms up the boundaries coincide with latency_buckets_seconds.
 short_latency_buckets_seconds = tuple(0.001 * 2.0**k for k in range(-4, 15))
 batch_entry_buckets = tuple(float(2**k) for k in range(13))
-apply_batch_buckets = tuple(float(count) for count in range(1, apply_group_entries_max + 1))
+apply_batch_buckets = tuple(float(count) for count in range(1, follower_grouping.entries_max + 1))
 
 # pysyncobj's FAIL_REASON names (lower case, as the adapter reports them) plus the node's own timeout.
 # Exported at zero from the start so a rate over them exists before the first failure.

@@ -22,7 +22,7 @@ from pysyncobj.serializer import Serializer
 from config.keys import sync_directory
 from config.schema import Genesis, NodeRole, NodeSpec, RaftConfig
 from consensus.entries import SignedEntry
-from consensus.raft.apply_thread import ApplyThread, leader_group_backlog_entries_min
+from consensus.raft.apply_thread import ApplyThread, follower_grouping, leader_grouping
 from consensus.raft.journal import DurableJournal, JournalError, JournalObserver
 from consensus.raft.snapshot import (
     SnapshotError,
@@ -545,7 +545,7 @@ class RaftNode:
 
     def _on_state_changed(self, old_state: int, new_state: int) -> None:
         leader = _state_names.get(new_state) == "leader"
-        self._apply_thread.group_backlog_entries_min = leader_group_backlog_entries_min if leader else 1
+        self._apply_thread.grouping = leader_grouping if leader else follower_grouping
         if self._node.role is NodeRole.VALIDATOR:
             self._events.role_changed(_state_names.get(old_state, "?"), _state_names.get(new_state, "?"))
 

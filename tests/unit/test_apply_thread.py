@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from consensus.raft.apply_thread import ApplyStopped, ApplyThread, apply_group_entries_max, apply_queue_entries_max
+from consensus.raft.apply_thread import (
+    ApplyStopped,
+    ApplyThread,
+    Grouping,
+    apply_queue_entries_max,
+    follower_grouping,
+    leader_grouping,
+)
 from tests.waiting import wait_until
 
 wait_seconds = 10.0
@@ -107,7 +114,7 @@ def test_a_failed_apply_makes_handing_over_and_draining_raise_instead_of_waiting
         if any(index == 2 for index, _ in group):
             raise RuntimeError("disk gone")
 
-    thread = ApplyThread(failing_apply, queue_entries_max=2, group_entries_max=1)
+    thread = ApplyThread(failing_apply, queue_entries_max=2, grouping=Grouping(1, 1))
     thread.hand(1, b"ok")
     thread.hand(2, b"fails")
     with pytest.raises(ApplyStopped, match="disk gone"):
@@ -146,7 +153,7 @@ def test_entries_waiting_behind_a_slow_apply_are_taken_together_up_to_the_group_
     group_entries_max = 3
     apply = _HeldApply()
     apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=16, group_entries_max=group_entries_max)
+    thread = ApplyThread(apply, queue_entries_max=16, grouping=Grouping(group_entries_max, 1))
     thread.hand(1, b"first")
     assert apply.started.wait(wait_seconds)  # the thread holds entry 1 alone; 2..8 queue behind it
     for index in range(2, 9):
@@ -166,20 +173,21 @@ def test_an_entry_handed_over_to_an_idle_thread_is_applied_alone():
         thread.hand(index, b"x")
         thread.drain()
     assert apply.groups == [1, 1, 1]
-    assert apply_group_entries_max > 1
+    assert follower_grouping.entries_max > 1
     assert thread.stop(wait_seconds)
 
 
-def test_a_group_bound_below_one_is_refused():
-    with pytest.raises(ValueError, match="group_entries_max"):
-        ApplyThread(lambda group: None, group_entries_max=0)
+def test_a_grouping_below_one_entry_is_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        Grouping(entries_max=0, backlog_entries_min=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        Grouping(entries_max=8, backlog_entries_min=0)
 
 
 def test_with_a_backlog_minimum_entries_are_grouped_only_once_that_many_wait():
     apply = _HeldApply()
     apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=16, group_entries_max=8)
-    thread.group_backlog_entries_min = 3
+    thread = ApplyThread(apply, queue_entries_max=16, grouping=Grouping(entries_max=8, backlog_entries_min=3))
     thread.hand(1, b"first")
     assert apply.started.wait(wait_seconds)  # held with entry 1; 2..6 queue behind it
     for index in range(2, 7):
@@ -198,6 +206,21 @@ def test_with_a_backlog_minimum_entries_are_grouped_only_once_that_many_wait():
     thread.drain()
     # Entry 8 finds 2 waiting, fewer than 3: alone; then entries 9 and 10 alone too.
     assert apply.groups == [1, 5, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match="group_backlog_entries_min"):
-        thread.group_backlog_entries_min = 0
+    assert thread.stop(wait_seconds)
+
+
+def test_the_leader_groups_fewer_entries_than_a_follower_and_only_once_it_has_fallen_behind():
+    assert leader_grouping.entries_max < follower_grouping.entries_max
+    assert leader_grouping.backlog_entries_min > follower_grouping.backlog_entries_min == 1
+    apply = _HeldApply()
+    apply.release.clear()
+    thread = ApplyThread(apply, queue_entries_max=16)
+    thread.hand(1, b"first")
+    assert apply.started.wait(wait_seconds)
+    for index in range(2, 9):
+        thread.hand(index, b"queued")
+    thread.grouping = leader_grouping  # the node became leader while its apply was behind
+    apply.release.set()
+    thread.drain()
+    assert apply.groups == [1, 3, 3, 1]  # 2..4 and 5..7 grouped; 8 finds nothing waiting
     assert thread.stop(wait_seconds)
