@@ -556,6 +556,10 @@ class RaftNode:
         them from the journal). Their results go out only after the commit."""
         index = group[0][0]
         try:
+            # Wait for the batches' signature checks (started as they arrived) before taking LMDB's write lock.
+            for index, command in group:
+                if command[:1] == command_type_regular:
+                    self._events.before_apply(command[1:])
             started = monotonic_time()
             batches: list[AppliedBatch] = []
             with self._apply_lock, self._store.write() as transaction:
@@ -563,7 +567,6 @@ class RaftNode:
                     if command[:1] != command_type_regular:
                         apply_no_op(transaction, index)
                         continue
-                    self._events.before_apply(command[1:])
                     applied = apply_batch(
                         transaction, index, command[1:], self._verify, self._genesis.cluster_id, decoded=self._decoded
                     )

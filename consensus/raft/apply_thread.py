@@ -59,9 +59,10 @@ class ApplyThread:
     """One consumer thread applying `(index, command)` pairs in the order they were handed over.
 
     `apply` runs only on this thread and takes a group, in order, to be applied in one transaction: the next
-    entry, and those queued behind it as `grouping` allows. If it raises, the thread records the error and stops taking entries; every later `hand`, `drain` or
-    `wait_until` raises ApplyStopped instead of waiting forever. The caller's `apply` is expected to stop the
-    process on failure first (RaftNode._apply calls the node's fatal handler).
+    entry, and those queued behind it as `grouping` allows. If it raises, the thread records the error and
+    stops taking entries; every later `hand`, `drain` or `wait_until` raises ApplyStopped instead of waiting
+    forever. The caller's `apply` is expected to stop the process on failure first (RaftNode._apply calls the
+    node's fatal handler).
     """
 
     def __init__(self, apply: Callable[[list[tuple[int, bytes]]], None], *,

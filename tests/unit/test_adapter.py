@@ -17,6 +17,7 @@ from consensus.raft import journal as journal_module
 from consensus.raft import adapter as adapter_module
 from consensus.raft import snapshot as snapshot_module
 from consensus.raft.adapter import RaftEvents, RaftNode
+from consensus.raft.apply_thread import leader_grouping
 from consensus.raft.snapshot import read_header
 from consensus.raft.transport import SecureTransport
 from storage.rules import initialize
@@ -289,8 +290,8 @@ def test_the_leader_goes_on_committing_while_its_apply_is_held(network):
     _wait(lambda: all(store.summary().applied_index >= target for store in followers), "the followers to apply")
     events[nodes.index(leader)].apply_allowed.set()
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
-    # Ten batches behind, the leader groups them (it would not for fewer than leader_group_backlog_entries_min).
-    assert max(events[nodes.index(leader)].transaction_batches) > 1
+    # Ten batches behind, the leader groups them, a few at a time (leader_grouping).
+    assert 1 < max(events[nodes.index(leader)].transaction_batches) <= leader_grouping.entries_max
 
 
 def test_batches_waiting_for_a_held_apply_are_applied_together_in_one_transaction_each_once(network):
