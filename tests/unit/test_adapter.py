@@ -294,14 +294,23 @@ def test_the_leader_goes_on_committing_while_its_apply_is_held(network):
     assert 1 < max(events[nodes.index(leader)].transaction_batches) <= leader_grouping.entries_max
 
 
-def test_batches_waiting_for_a_held_apply_are_applied_together_in_one_transaction_each_once(network):
+def _follower_holding_its_apply(network, names: list[str]):
+    """(follower, its store, its events, last index): a follower whose apply is held with `names` handed to it."""
     nodes, stores, events, sends, genesis, key = network
     leader = _leader(nodes)
     follower = next(node for node in nodes if node is not leader)
     follower_store, follower_events = stores[nodes.index(follower)], events[nodes.index(follower)]
     follower_events.apply_allowed.clear()
-    target = _propose_accounts(leader, genesis, key, [f"group{number}" for number in range(6)])
+    target = _propose_accounts(leader, genesis, key, names)
     _wait(lambda: follower._syncobj.raftLastApplied >= target, "the follower to hand the entries to its apply")
+    return follower, follower_store, follower_events, target
+
+
+def test_batches_waiting_for_a_held_apply_are_applied_together_in_one_transaction_each_once(network):
+    stores = network[1]
+    _follower, follower_store, follower_events, target = _follower_holding_its_apply(
+        network, [f"group{number}" for number in range(6)]
+    )
     transactions_before = len(follower_events.transaction_batches)
     follower_events.apply_allowed.set()
     _wait(lambda: follower_store.summary().applied_index >= target, "the follower to apply")
@@ -313,13 +322,9 @@ def test_batches_waiting_for_a_held_apply_are_applied_together_in_one_transactio
 
 
 def test_a_snapshot_waits_for_the_apply_so_the_journal_never_drops_an_unapplied_entry(network):
-    nodes, stores, events, sends, genesis, key = network
-    leader = _leader(nodes)
-    follower = next(node for node in nodes if node is not leader)
-    follower_store, follower_events = stores[nodes.index(follower)], events[nodes.index(follower)]
-    follower_events.apply_allowed.clear()
-    target = _propose_accounts(leader, genesis, key, [f"snap{number}" for number in range(8)])
-    _wait(lambda: follower._syncobj.raftLastApplied >= target, "the follower to hand the entries to its apply")
+    follower, follower_store, follower_events, target = _follower_holding_its_apply(
+        network, [f"snap{number}" for number in range(8)]
+    )
     assert follower_store.summary().applied_index < target
     follower._syncobj.forceLogCompaction()
     threading.Timer(0.5, follower_events.apply_allowed.set).start()
