@@ -43,12 +43,16 @@ class _HeldApply:
         self.groups.append(len(group))
 
 
-def _held_thread(entries: int, queue_entries_max: int = 8) -> tuple[ApplyThread, _HeldApply]:
-    """An apply thread whose apply is held, with entries 1..`entries` handed over."""
+def _held_thread(
+    entries: int, queue_entries_max: int = 8, grouping: Grouping = follower_grouping
+) -> tuple[ApplyThread, _HeldApply]:
+    """An apply thread holding entry 1 in its apply (alone), with entries 2..`entries` queued behind it."""
     apply = _HeldApply()
     apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=queue_entries_max)
-    for index in range(1, entries + 1):
+    thread = ApplyThread(apply, queue_entries_max=queue_entries_max, grouping=grouping)
+    thread.hand(1, b"x")
+    assert apply.started.wait(wait_seconds)
+    for index in range(2, entries + 1):
         thread.hand(index, b"x")
     return thread, apply
 
@@ -150,14 +154,7 @@ def test_a_function_waiting_for_an_index_runs_once_that_index_is_applied_and_not
 
 
 def test_entries_waiting_behind_a_slow_apply_are_taken_together_up_to_the_group_bound():
-    group_entries_max = 3
-    apply = _HeldApply()
-    apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=16, grouping=Grouping(group_entries_max, 1))
-    thread.hand(1, b"first")
-    assert apply.started.wait(wait_seconds)  # the thread holds entry 1 alone; 2..8 queue behind it
-    for index in range(2, 9):
-        thread.hand(index, b"queued")
+    thread, apply = _held_thread(8, queue_entries_max=16, grouping=Grouping(entries_max=3, backlog_entries_min=1))
     apply.release.set()
     thread.drain()
     assert [index for index, _ in apply.applied] == list(range(1, 9))
@@ -185,13 +182,7 @@ def test_a_grouping_below_one_entry_is_refused():
 
 
 def test_with_a_backlog_minimum_entries_are_grouped_only_once_that_many_wait():
-    apply = _HeldApply()
-    apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=16, grouping=Grouping(entries_max=8, backlog_entries_min=3))
-    thread.hand(1, b"first")
-    assert apply.started.wait(wait_seconds)  # held with entry 1; 2..6 queue behind it
-    for index in range(2, 7):
-        thread.hand(index, b"queued")
+    thread, apply = _held_thread(6, queue_entries_max=16, grouping=Grouping(entries_max=8, backlog_entries_min=3))
     apply.release.set()
     thread.drain()
     # Entry 2 finds 4 waiting: a group of 2..6. Then nothing waits.
@@ -212,13 +203,7 @@ def test_with_a_backlog_minimum_entries_are_grouped_only_once_that_many_wait():
 def test_the_leader_groups_fewer_entries_than_a_follower_and_only_once_it_has_fallen_behind():
     assert leader_grouping.entries_max < follower_grouping.entries_max
     assert leader_grouping.backlog_entries_min > follower_grouping.backlog_entries_min == 1
-    apply = _HeldApply()
-    apply.release.clear()
-    thread = ApplyThread(apply, queue_entries_max=16)
-    thread.hand(1, b"first")
-    assert apply.started.wait(wait_seconds)
-    for index in range(2, 9):
-        thread.hand(index, b"queued")
+    thread, apply = _held_thread(8, queue_entries_max=16)
     thread.grouping = leader_grouping  # the node became leader while its apply was behind
     apply.release.set()
     thread.drain()
