@@ -264,6 +264,20 @@ def _thread_cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, str], float]:
     return totals
 
 
+def entry_hash_index_lag(cluster: LocalCluster) -> int:
+    """Raft entries applied but not yet in the entry-hash index, the most of any node: the indexer works
+    behind the apply, and a figure measured while it fell ever further behind would leave its work out."""
+    lag = 0
+    for name in cluster.nodes:
+        _code, text = cluster.admin_get(name, "/metrics", timeout_seconds=metrics_timeout_seconds)
+        values = {}
+        for family in text_string_to_metric_families(text):
+            if family.name in ("tonle_raft_applied_index", "tonle_entry_hash_index_raft_index"):
+                values[family.name] = family.samples[0].value
+        lag = max(lag, int(values["tonle_raft_applied_index"] - values["tonle_entry_hash_index_raft_index"]))
+    return lag
+
+
 def _per_transfer_by_thread(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], transfers: int) -> dict[str, dict[str, float]]:
     """Microseconds of CPU per committed transfer, all nodes together, by thread and mode."""
     document: dict[str, dict[str, float]] = {}
@@ -380,6 +394,7 @@ def run_bench(directory: Path, *, validators: int, duration_seconds: float, acco
         peak = asyncio.run(closed_loop([address], workload, peak_seconds, request_entries, requests_in_flight, "peak"))
         cpu_used = sum(_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
         threads_after = _thread_cpu_seconds(cluster)
+        document["entry_hash_index_lag_entries"] = entry_hash_index_lag(cluster)
         document["transfers_per_second"] = round(peak.per_second, 1)
         document["ratio_to_signature_ceiling"] = round(peak.per_second / signatures["per_second"], 3)
         document["peak"] = {"acknowledged": peak.acknowledged, "failed": peak.failed, "seconds": round(peak.seconds, 2),
@@ -435,6 +450,7 @@ def render(document: dict[str, Any]) -> str:
         ("  by thread (user + system)", "", _by_thread(document["node_cpu_microseconds_per_transfer_by_thread"])),
         ("apply: bytes written per transfer", f"{document['apply_bytes_written_per_transfer']:,.0f} B", "one node, in-process"),
         ("receipts' share of that cost", f"{document['receipts']['share_of_cost_per_committed_transfer']:.1%}", ""),
+        ("entry-hash index behind the apply", f"{document['entry_hash_index_lag_entries']:,}", "Raft entries, at the end of the peak, most of any node"),
     ]
     for level, figures in document["latency_ms"].items():
         rows.append((f"commit latency at {level.replace('_', ' ')}", f"p50 {figures['p50']} ms",

@@ -31,6 +31,7 @@ from consensus.raft.snapshot import SnapshotHeader, write_snapshot
 from node import bench
 from node.cluster import LocalCluster, local_raft
 from node.load import Progress
+from storage.entry_hashes import EntryHashIndex
 from storage.rules import apply_batch, genesis_applied_index, initialize
 from storage.state import LedgerStore
 
@@ -44,6 +45,8 @@ opening_balance_riel = 10**9
 transfer_amount_max = 1000
 # Cluster time advances by this much per built batch (the leader stamps its clock on each batch).
 build_batch_milliseconds = 1
+# The offline build indexes entry hashes in transactions this large (a node's indexer uses smaller ones).
+build_index_entries_per_transaction = 1_000_000
 # Headroom over the built state for the run's own transfers.
 map_size_headroom_bytes = 8 << 30
 # No snapshot of a many-gigabyte state during the measurement: it would measure the copy, not the ledger.
@@ -161,6 +164,15 @@ def install(cluster: LocalCluster, built: Path, applied_index: int) -> None:
     snapshot = first.data_dir / "raft" / "snapshot.bin"
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     write_snapshot(snapshot, store, header)
+    # A node that has been running has its entry-hash index current; one started without it would spend the
+    # measurement rebuilding it.
+    built_index = built.parent / "built_entry_hashes"
+    index = EntryHashIndex(built_index, map_size_bytes=_map_size(built), sync=False)
+    print("building the entry-hash index of the built state", file=sys.stderr)
+    while index.catch_up(store, entries_max=build_index_entries_per_transaction):
+        pass
+    index.environment.sync(True)
+    index.close()
     store.close()
     for name in validators:
         node = cluster.nodes[name]
@@ -169,11 +181,16 @@ def install(cluster: LocalCluster, built: Path, applied_index: int) -> None:
         if name == first.name:
             continue
         shutil.copyfile(built / "data.mdb", state / "data.mdb")
+        (node.data_dir / "entry_hashes").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built_index / "data.mdb", node.data_dir / "entry_hashes" / "data.mdb")
         (node.data_dir / "raft").mkdir(parents=True, exist_ok=True)
         # pysyncobj writes a new snapshot to a temporary file and renames it, so the nodes can share this one.
         os.link(snapshot, node.data_dir / "raft" / "snapshot.bin")
     os.replace(built / "data.mdb", first.data_dir / "state" / "data.mdb")
+    (first.data_dir / "entry_hashes").mkdir(parents=True, exist_ok=True)
+    os.replace(built_index / "data.mdb", first.data_dir / "entry_hashes" / "data.mdb")
     shutil.rmtree(built)
+    shutil.rmtree(built_index)
 
 
 def _map_size(path: Path) -> int:
@@ -186,7 +203,13 @@ def _map_size(path: Path) -> int:
 @contextlib.contextmanager
 def _node_state(data_dir: Path) -> Iterator[lmdb.Environment]:
     """A stopped node's LMDB state, opened read-only by LMDB itself (with readahead, which the node turns off)."""
-    environment = lmdb.open(str(data_dir / "state"), readonly=True, max_dbs=64, map_size=_map_size(data_dir / "state"))
+    with _stopped_environment(data_dir / "state") as environment:
+        yield environment
+
+
+@contextlib.contextmanager
+def _stopped_environment(path: Path) -> Iterator[lmdb.Environment]:
+    environment = lmdb.open(str(path), readonly=True, max_dbs=64, map_size=_map_size(path))
     try:
         yield environment
     finally:
@@ -244,21 +267,26 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
 # that can take minutes.
 start_seconds_max = 900
 
-# Written at random places by every transfer (accounts by name, the transaction-hash index by hash); the rest
-# of the state, history included, is appended to or read near its end.
-randomly_written_databases = ("accounts", "hashes")
+# Written at random places by every transfer: accounts by name in the state, and (behind the apply, by the
+# indexer) the entry-hash index by hash in its own environment; the rest of the state, history and the hash
+# log included, is appended to or read near its end.
+randomly_written_databases = ("accounts",)
+randomly_written_index_databases = ("hashes",)
 
 
 def warm_page_cache(data_dir: Path) -> float:
     """Read every page of the databases a transfer writes at random, as a node that has been running holds
     them in memory; a node just started from a copied file would otherwise measure the disk. Returns seconds."""
     started = time.perf_counter()
-    with _node_state(data_dir) as environment:
-        for name in randomly_written_databases:
-            database = environment.open_db(name.encode(), create=False)
-            with environment.begin(db=database) as transaction:
-                for _key in transaction.cursor().iternext(keys=True, values=False):
-                    pass
+    for path, names in ((data_dir / "state", randomly_written_databases), (data_dir / "entry_hashes", randomly_written_index_databases)):
+        if not (path / "data.mdb").exists():
+            continue
+        with _stopped_environment(path) as environment:
+            for name in names:
+                database = environment.open_db(name.encode(), create=False)
+                with environment.begin(db=database) as transaction:
+                    for _key in transaction.cursor().iternext(keys=True, values=False):
+                        pass
     return time.perf_counter() - started
 
 
@@ -352,6 +380,7 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
         cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
+        document["entry_hash_index_lag_entries"] = bench.entry_hash_index_lag(cluster)
         document["transfers_per_second"] = round(peak.per_second, 1)
         document["failed"] = peak.failed
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
@@ -400,11 +429,12 @@ def render_scale(document: dict[str, Any]) -> str:
         rows.append(("random 4 KiB writes/s the disk takes", *(f"{side['disk_page_writes_per_second']:,}" for side in (small, large))))
         rows.append(("  ÷ writes per transfer: disk ceiling", *(f"{side['disk_ceiling_transfers_per_second']:,}/s" for side in (small, large))))
         rows.append(("  committed / disk ceiling", *(f"{side['transfers_per_second'] / side['disk_ceiling_transfers_per_second']:.0%}" for side in (small, large))))
+    rows.append(("entry-hash index behind, at the end", *(f"{side['entry_hash_index_lag_entries']:,} Raft entries" for side in (small, large))))
     rows.append(("disk reads per transfer (all nodes)", *(f"{side['disk_reads_per_transfer']:.2f}" for side in (small, large))))
     for field, label in (("VmRSS", "node resident memory, max"), ("RssAnon", "  of which process heap"),
                          ("RssFile", "  of which mapped LMDB pages")):
         rows.append((label, *(f"{max(memory[field] for memory in side['node_memory_bytes'].values()) / 2**20:,.0f} MiB"
                               for side in (small, large))))
-    rows.append(("throughput, large / small", "", f"{document['throughput_ratio_large_to_small']:.0%}"))
+    rows.append(("throughput, large / small", "", f"{document['throughput_ratio_large_to_small']:.1%}"))
     width = [max(len(row[column]) for row in rows) for column in range(3)]
     return "\n".join(f"{row[0]:<{width[0]}}  {row[1]:>{width[1]}}  {row[2]:>{width[2]}}" for row in rows)

@@ -43,7 +43,7 @@ health_check_results = ("passed", "failed")
 
 # CPU is reported by the job a thread does, not per thread: the verifier pool and the snapshot writers come
 # and go, and a label per thread would grow without bound.
-thread_roles = ("event_loop", "raft", "apply", "verify", "snapshot", "receipts", "other")
+thread_roles = ("event_loop", "raft", "apply", "verify", "snapshot", "receipts", "index", "other")
 thread_cpu_modes = ("user", "system")
 _task_directory = Path("/proc/self/task")
 _clock_ticks_per_second = os.sysconf("SC_CLK_TCK")
@@ -228,6 +228,17 @@ class NodeMetrics:
         )
         self.storage_used = Gauge("tonle_storage_used_bytes", "Bytes used in the LMDB map.", registry=registry)
         self.storage_map_size = Gauge("tonle_storage_map_size_bytes", "Configured LMDB map size.", registry=registry)
+        self.entry_hash_index_index = Gauge(
+            "tonle_entry_hash_index_raft_index",
+            "Raft index the entry-hash lookup index is built through (lookups scan the hash log past it).",
+            registry=registry,
+        )
+        self.entry_hash_index_entries = Counter(
+            "tonle_entry_hash_index_entries", "Transfers added to the entry-hash lookup index.", registry=registry
+        )
+        self.entry_hash_index_errors = Counter(
+            "tonle_entry_hash_index_errors", "Indexing transactions that failed (retried after a pause).", registry=registry
+        )
 
     def _define_api_and_health(self, registry: CollectorRegistry) -> None:
         self.api_requests = Counter(
@@ -259,6 +270,8 @@ def thread_role(name: str) -> str:
         return "snapshot"
     if name.startswith("heads_"):
         return "receipts"  # signing and storing tree heads
+    if name == "entry-hash-indexer":
+        return "index"
     return "other"
 
 
@@ -309,7 +322,7 @@ class ThreadCpuCollector(Collector):
                 totals[(role, "system")] += system
         family = CounterMetricFamily(
             "tonle_thread_cpu_seconds",
-            "CPU time of this node's threads by job (event_loop, raft, apply, verify, snapshot, receipts, other) and mode.",
+            "CPU time of this node's threads by job (event_loop, raft, apply, verify, snapshot, receipts, index, other) and mode.",
             labels=["thread", "mode"],
         )
         for (role, mode), seconds in totals.items():

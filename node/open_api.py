@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from consensus.entries import EntryKind, TransferFlags, account_name_pattern, alias_pattern, institution_id_pattern
 from storage import queries
+from storage.entry_hashes import EntryHashIndex, EntryHashIndexBehind
 from storage.records import get_currency, time_of_index
 from storage.state import LedgerStore, StateTransaction
 
@@ -42,6 +43,8 @@ bearer_token_characters_max = 256
 md5_list_entries_max = 50
 # Transfers examined for one lookup key (an MD5, a hash prefix, a reference token) before giving up.
 lookup_candidates_max = 100
+# What a lookup by hash tells the caller to wait while the node rebuilds its entry-hash index.
+index_rebuilding_retry_seconds = 1
 # How often the token file is checked for changes (new tokens, revoked ones), at most.
 tokens_file_check_seconds = 1.0
 # Per-institution token buckets, unless the token file says otherwise.
@@ -349,8 +352,9 @@ _found_nothing = _Finding("NOT_FOUND")
 class OpenApi:
     """The endpoints, answered from one read transaction of the node's applied state each."""
 
-    def __init__(self, store: LedgerStore, access: OpenApiAccess) -> None:
+    def __init__(self, store: LedgerStore, access: OpenApiAccess, entry_hashes: EntryHashIndex | None = None) -> None:
         self._store = store
+        self._entry_hashes = entry_hashes
         self._access = access
         self._endpoints: dict[str, Callable[[StateTransaction, _Caller, Any], dict[str, Any]]] = {
             "/v1/check_transaction_by_md5": self._by_md5,
@@ -393,6 +397,9 @@ class OpenApi:
                 return Response(200, self._endpoints[path](transaction, caller, request))
             except _BadRequest:
                 return _failure(400, message_missing_fields, ErrorCode.MISSING_REQUIRED_FIELDS)
+            except EntryHashIndexBehind as behind:
+                # Bakong has no code for this; 503 with Retry-After is what its SDKs' HTTP clients retry on.
+                return _failure(503, f"Lookup by hash is being rebuilt ({behind}).", None, ("Retry-After", str(index_rebuilding_retry_seconds)))
 
     # Endpoints ------------------------------------------------------------------------------------------
 
@@ -403,7 +410,7 @@ class OpenApi:
         digest = _text(request, "hash").lower()
         if len(digest) != full_hash_hex_characters or not _hex.fullmatch(digest):
             return _not_found
-        found = queries.transfers_with_hash(transaction, bytes.fromhex(digest), lookup_candidates_max)
+        found = queries.transfers_with_hash(transaction, self._entry_hashes, bytes.fromhex(digest), lookup_candidates_max)
         return _single(self._pick(transaction, caller, found))
 
     def _by_short_hash(self, transaction: StateTransaction, caller: _Caller, request: Any) -> dict[str, Any]:
@@ -418,7 +425,7 @@ class OpenApi:
             return _not_found
         found = [
             transfer
-            for transfer in queries.transfers_with_hash(transaction, bytes.fromhex(prefix), lookup_candidates_max)
+            for transfer in queries.transfers_with_hash(transaction, self._entry_hashes, bytes.fromhex(prefix), lookup_candidates_max)
             if transfer.get("currency") == currency and _payment_amount(transfer) == minor
         ]
         return _single(self._pick(transaction, caller, found))
@@ -711,8 +718,9 @@ class OpenApiServer:
         connections_max: int = open_api_connections_max,
         read_timeout_seconds: float = request_read_timeout_seconds,
         tokens_file: Path | None = None,
+        entry_hashes: EntryHashIndex | None = None,
     ) -> None:
-        self._api = OpenApi(store, access)
+        self._api = OpenApi(store, access, entry_hashes)
         self._limiter = RateLimiter(access, clock)
         self._clock = clock
         # `tonle open-api token` appends to the file while the node runs: a new token works within a second,
@@ -825,7 +833,7 @@ async def start_open_api(node: LedgerNode, host: str, port: int) -> OpenApiServe
     tokens_file = node.config.open_api.tokens_file
     if tokens_file is None:
         raise OpenApiConfigError(("open_api.tokens_file: required when open_api.listen_address is set",))
-    server = OpenApiServer(node.store, load_access(tokens_file), tokens_file=tokens_file)
+    server = OpenApiServer(node.store, load_access(tokens_file), tokens_file=tokens_file, entry_hashes=node.entry_hashes)
     await server.start(host, port)
     return server
 

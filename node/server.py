@@ -19,6 +19,7 @@ from consensus.proposer import Proposer, ProposerLimits
 from consensus.raft.adapter import RaftEvents, RaftNode
 from node.failpoints import enabled_failpoints
 from node.heads import HeadSignatures
+from node.indexer import EntryHashIndexer
 from node.metrics import NodeMetrics
 from node.protocol import (
     ERROR_BUSY,
@@ -34,6 +35,7 @@ from consensus.receipts import encode_receipt_binary
 from storage import queries, tree
 from storage.records import earliest_expiry_ms
 from storage.rules import AppliedBatch, head_window_ms, initialize
+from storage.entry_hashes import EntryHashIndex
 from storage.state import StateTransaction, open_store, schema_version
 
 logger = logging.getLogger("tonle.node")
@@ -128,6 +130,7 @@ class _Events(RaftEvents):
         if not batches:
             return
         node.metrics.applied_index.set(batches[-1].index)
+        node.indexer.wake()
         for batch in batches:
             try:
                 node.loop.call_soon_threadsafe(node.on_applied, batch)
@@ -161,10 +164,14 @@ class _Events(RaftEvents):
         logger.info("leader %s -> %s", old_leader, new_leader, extra={"event": "leader_changed", "term": term})
 
     def fatal(self, message: str) -> None:
-        logger.critical("stopping the node: %s", message)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(fatal_exit_code)
+        _stop_fatally(message)
+
+
+def _stop_fatally(message: str) -> None:
+    logger.critical("stopping the node: %s", message)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(fatal_exit_code)
 
 
 class LedgerNode:
@@ -183,6 +190,17 @@ class LedgerNode:
         self.metrics = NodeMetrics(self.spec.name, str(self.spec.role))
         self.store = open_store(config.data_dir, map_size_bytes=config.storage.map_size_bytes, sync=config.storage.sync)
         self._initialize_state()
+        # Derived from the state's hash log and rebuilt from it when missing, so it lives beside the state.
+        self.entry_hashes = EntryHashIndex(
+            config.data_dir / "entry_hashes", map_size_bytes=config.storage.map_size_bytes, sync=config.storage.sync
+        )
+        self.indexer = EntryHashIndexer(
+            self.entry_hashes,
+            self.store,
+            indexed=self._on_indexed,
+            failed=self.metrics.entry_hash_index_errors.inc,
+            fatal=_stop_fatally,
+        )
         self.verifier = SignatureVerifier(
             threads=max(2, os.cpu_count() or 2), count_verified=self.metrics.signatures_verified.inc
         )
@@ -268,13 +286,21 @@ class LedgerNode:
             transport_observer=TransportMetrics(self.metrics),
             journal_observer=JournalMetrics(self.metrics),
         )
+        self.indexer.start()
 
     def close(self) -> None:
         if self.raft is not None:
             self.raft.destroy()
         self.heads.close()
         self.verifier.close()
+        self.indexer.close()
+        self.entry_hashes.close()
         self.store.close()
+
+    def _on_indexed(self, pairs: int, indexed_through: int) -> None:
+        """Indexer thread: prometheus-client metrics are thread-safe."""
+        self.metrics.entry_hash_index_entries.inc(pairs)
+        self.metrics.entry_hash_index_index.set(indexed_through)
 
     # Applied outcomes (event loop) ------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from consensus.entries import EntryError, Issue, Redeem, Transfer, decode_entry
@@ -23,9 +24,9 @@ from storage.records import (
     list_nodes,
     time_of_index,
     transfers_by_reference,
-    transfers_with_hash_prefix,
 )
-from storage.state import StateTransaction
+from storage.entry_hashes import EntryHashIndex, transfer_ids_with_hash_prefix
+from storage.state import StateTransaction, StorageCorrupted
 
 history_limit_max = 1000
 reference_limit_max = 1000
@@ -74,10 +75,24 @@ def transfers_with_reference(transaction: StateTransaction, reference: str, limi
     return [found for transfer_id in ids if (found := transfer(transaction, transfer_id)) is not None]
 
 
-def transfers_with_hash(transaction: StateTransaction, hash_prefix: bytes, limit: int) -> list[dict[str, Any]]:
-    """Transfers whose signed entry's SHA-256 starts with `hash_prefix` (the whole 32 bytes, or a short hash)."""
-    ids = transfers_with_hash_prefix(transaction, hash_prefix, min(limit, reference_limit_max))
-    return [found for transfer_id in ids if (found := transfer(transaction, transfer_id)) is not None]
+def transfers_with_hash(
+    transaction: StateTransaction, index: EntryHashIndex | None, hash_prefix: bytes, limit: int
+) -> list[dict[str, Any]]:
+    """Transfers whose signed entry's SHA-256 starts with `hash_prefix` (the whole 32 bytes, or a short hash).
+    Raises EntryHashIndexBehind while a node rebuilds its index."""
+    found = []
+    for transfer_id in transfer_ids_with_hash_prefix(transaction, index, hash_prefix, min(limit, reference_limit_max)):
+        record = get_transfer(transaction, transfer_id)
+        if record is None:
+            continue  # indexed after this transaction's view of the state was taken
+        # The index is derived and unsealed: each answer is checked against the sealed record it names.
+        if not hashlib.sha256(record.entry).digest().startswith(hash_prefix):
+            raise StorageCorrupted(
+                f"the entry-hash index maps {hash_prefix.hex()} to transfer {transfer_id.hex()}, whose entry hashes "
+                "otherwise: the index is damaged; stop the node and delete its entry_hashes directory (it is rebuilt)"
+            )
+        found.append(transfer(transaction, transfer_id))
+    return found
 
 
 def _balance_fields(balance: Balance) -> dict[str, int]:

@@ -3,7 +3,6 @@ pending transfers and their expiry, aliases, history, daily outflow, references 
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, replace
 from enum import IntFlag, StrEnum
@@ -540,21 +539,6 @@ def put_reference(transaction: StateTransaction, reference: str, transfer_id: by
 def transfers_by_reference(transaction: StateTransaction, reference: str, limit: int) -> list[bytes]:
     prefix = reference.encode() + b"\x00"
     return [key[len(prefix) :] for key, _ in _take(transaction.items("references", prefix), limit)]
-
-
-# The hash Bakong-style lookups know a transfer by: SHA-256 of its signed entry, as stored and replicated.
-entry_hash_bytes = 32
-
-
-def put_entry_hash(transaction: StateTransaction, entry_raw: bytes, transfer_id: bytes) -> None:
-    """Index a recorded transfer by the SHA-256 of its signed entry. The key is hash || id (no value), so a
-    prefix of the hash (Bakong's 8-hex-digit short hash) finds it with a range scan."""
-    # The key holds the transfer's id, so it is new: `insert` skips reading the page for an old value.
-    transaction.insert("hashes", hashlib.sha256(entry_raw).digest() + transfer_id, b"")
-
-
-def transfers_with_hash_prefix(transaction: StateTransaction, prefix: bytes, limit: int) -> list[bytes]:
-    return [key[entry_hash_bytes:] for key, _ in _take(transaction.items("hashes", prefix), limit)]
 
 
 # Network parameters set by the genesis (replicated state: every node applies the same rules).

@@ -81,7 +81,6 @@ from storage.records import (
     put_archived_batch,
     put_batch_time,
     put_currency,
-    put_entry_hash,
     put_head,
     put_history,
     put_institution,
@@ -95,6 +94,7 @@ from storage.records import (
     with_status,
 )
 from storage import tree
+from storage.entry_hashes import log_pair, put_log
 from storage.state import StateTransaction, StorageCorrupted
 
 OK = "ok"
@@ -311,12 +311,17 @@ class _Context:
         # Read once per batch and written once at its end (`finish`); a chain that aborts restores it.
         self.tree_size = tree.tree_size(transaction)
         self.tree_size_at_start = self.tree_size
+        # (entry hash, id) of each transfer recorded, logged once at the end (`finish`); a chain that aborts
+        # drops its own.
+        self.entry_hashes: list[bytes] = []
         # Signers repeat within a batch; forgotten whenever an entry might change an institution.
         self.institutions: dict[str, InstitutionRecord | None] = {}
 
     def finish(self) -> None:
         if self.tree_size != self.tree_size_at_start:
             tree.write_size(self.transaction, self.tree_size)
+        if self.entry_hashes:
+            put_log(self.transaction, self.index, b"".join(self.entry_hashes))
 
     # Entries and linked chains ------------------------------------------------------------------------
 
@@ -393,7 +398,7 @@ class _Context:
         outcomes: list[EntryOutcome] = []
         failed_at: int | None = None
         if closed:
-            event_number, tree_size = self.event_number, self.tree_size
+            event_number, tree_size, hashed = self.event_number, self.tree_size, len(self.entry_hashes)
             outer, nested = self.transaction, self.transaction.nested()
             self.transaction = nested
             self.chain = _Chain()
@@ -414,6 +419,7 @@ class _Context:
                 return outcomes
             nested.abort()
             self.event_number, self.tree_size = event_number, tree_size
+            del self.entry_hashes[hashed:]
             self.institutions.clear()
         final = []
         for position, member in enumerate(members):
@@ -451,7 +457,7 @@ class _Context:
             self.tree_size += 1
         record = TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount, leaf_index)
         put_transfer(self.transaction, body.id, record)  # type: ignore[union-attr]
-        put_entry_hash(self.transaction, decoded.entry.raw, body.id)  # type: ignore[union-attr]
+        self.entry_hashes.append(log_pair(decoded.entry.raw, body.id))  # type: ignore[union-attr]
         if isinstance(body, Transfer) and body.reference:
             put_reference(self.transaction, body.reference, body.id)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import lmdb
 
 # 2: history appended in apply order and linked per account, with per-account checkpoints (was keyed by account).
-schema_version = 2
+# 3: the entry-hash index left the state for its own environment; the state keeps an append-only hash_log.
+schema_version = 3
 
 # Named databases. `meta` holds bookkeeping that is not part of the replicated state hash.
 _state_database_names = (
@@ -29,7 +30,7 @@ _state_database_names = (
     "references",
     "batch_times",
     "tree",
-    "hashes",
+    "hash_log",
     "parameters",
 )
 # Databases outside the state hash: bookkeeping (meta), the archive of applied batches (what `tonle export`

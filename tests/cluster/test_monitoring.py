@@ -164,6 +164,19 @@ def test_every_node_exports_every_metric_family(network, traffic):
         assert build.value == 1 and build.labels["name"] == name and build.labels["version"], name
 
 
+def test_every_node_builds_its_entry_hash_index_behind_the_apply(network, traffic):
+    applied = value(traffic.after[traffic.leader], "tonle_raft_applied_index")
+    deadline = time.monotonic() + deadline_seconds
+    for name in network.nodes:
+        while (indexed := value(scrape(network, name), "tonle_entry_hash_index_raft_index")) < applied:
+            assert time.monotonic() < deadline, f"{name}: entry-hash index at {indexed}, applied {applied}"
+            time.sleep(0.1)
+        now = scrape(network, name)
+        entries = ("tonle_entry_hash_index_entries", "tonle_entry_hash_index_entries_total")
+        assert value(now, *entries) - value(traffic.before[name], *entries) >= traffic.driven, name
+        assert value(now, "tonle_entry_hash_index_errors", "tonle_entry_hash_index_errors_total") == 0, name
+
+
 def test_one_leader_known_to_every_node_in_one_term(network, traffic):
     after, validators = traffic.after, network.validators()
     assert sum(value(after[name], "tonle_raft_is_leader") for name in validators) == 1

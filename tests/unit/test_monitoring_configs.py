@@ -112,13 +112,14 @@ def test_every_alert_behaves_as_its_promtool_unit_tests_expect():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_issue_s_seven_alerts_exist():
+def test_the_issue_s_seven_alerts_exist_with_the_entry_hash_index_s():
     assert alert_names() == [
         "TonleNoLeader",
         "TonleInsufficientMembers",
         "TonleHighNumberOfLeaderChanges",
         "TonleHighCommitLatency",
         "TonleApplyLag",
+        "TonleEntryHashIndexBehind",
         "TonleStateDivergence",
         "TonleStorageNearlyFull",
     ]

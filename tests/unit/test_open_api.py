@@ -49,6 +49,7 @@ from node.open_api import (
 )
 from node.pay import qr_payment
 from node.server import LedgerNode
+from storage.entry_hashes import lookup_scan_entries_max, put_log
 from tests.ledger_fixtures import Ledger, make_network, tid
 
 deadline_seconds = 10.0
@@ -274,6 +275,19 @@ def test_a_payment_is_found_by_its_full_hash_and_by_short_hash_with_amount_and_c
         "/v1/check_transaction_by_short_hash", raw=b'{"hash": "%s", "amount": 15000.0, "currency": "KHR"}' % digest[:8].encode()
     )
     assert document["responseCode"] == 0
+
+
+def test_a_lookup_by_hash_while_the_node_rebuilds_its_index_is_refused_with_retry_after(api: Api) -> None:
+    entry = pay_qr(api.ledger, 100, khqr("shop@aba", 15_000))
+    # More logged transfers past the (absent) index than a lookup scans, written directly.
+    with api.ledger.store.write() as transaction:
+        applied = transaction.applied_index()
+        for number in range(lookup_scan_entries_max // 4096 + 1):
+            put_log(transaction, applied + 1 + number, bytes(range(48)) * 4096)
+        transaction.set_applied_index(applied + lookup_scan_entries_max // 4096 + 1)
+    status, headers, document, _raw = api.call("/v1/check_transaction_by_hash", {"hash": hashlib.sha256(entry).hexdigest()})
+    assert (status, headers["retry-after"], document["responseCode"]) == (503, "1", 1)
+    assert "being rebuilt" in document["responseMessage"]
 
 
 def test_a_short_hash_with_another_amount_or_currency_is_not_found(api: Api) -> None:

@@ -1,0 +1,230 @@
+"""Lookup by entry hash: the apply's append-only hash log, the index built from it off the apply path, and
+the lookups that combine the two, on real LMDB in temp dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from consensus.entries import Issue, OpenAccount, Transfer, TransferFlags
+from node.indexer import EntryHashIndexer
+from storage import entry_hashes, queries
+from storage.entry_hashes import (
+    EntryHashIndex,
+    EntryHashIndexBehind,
+    catch_up_entries_max,
+    lookup_scan_entries_max,
+    pair_bytes,
+    put_log,
+    transfer_ids_with_hash_prefix,
+)
+from storage.state import StorageCorrupted
+from tests.ledger_fixtures import Ledger, make_network, tid
+
+deadline_seconds = 10.0
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    network = make_network()
+    ledger = Ledger(tmp_path / "state", network)
+    assert ledger.results(
+        network.sign(OpenAccount("dara@acleda", "KHR", tier="full"), "acleda"),
+        network.sign(Issue(tid(1), "settlement.khr@acleda", 10_000_000, "KHR"), "nbc"),
+    ) == ["ok", "ok"]
+    yield ledger
+    ledger.store.close()
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[EntryHashIndex]:
+    opened = EntryHashIndex(tmp_path / "entry_hashes", map_size_bytes=64 << 20)
+    yield opened
+    opened.close()
+
+
+def pay(ledger: Ledger, number: int, amount: int = 100, flags: int = 0) -> bytes:
+    return ledger.network.sign(Transfer(tid(number), "settlement.khr@acleda", "dara@acleda", amount, "KHR", flags=flags), "acleda")
+
+
+def ids(ledger: Ledger, index: EntryHashIndex | None, prefix: bytes, limit: int = 100) -> list[bytes]:
+    with ledger.store.read() as transaction:
+        return transfer_ids_with_hash_prefix(transaction, index, prefix, limit)
+
+
+def logged_pairs(ledger: Ledger) -> list[bytes]:
+    with ledger.store.read() as transaction:
+        logged = b"".join(pairs for _key, pairs in transaction.items(entry_hashes.hash_log_database))
+    return [logged[start : start + pair_bytes] for start in range(0, len(logged), pair_bytes)]
+
+
+def test_a_transfer_is_found_by_its_full_hash_and_short_hash_as_soon_as_it_is_applied(ledger: Ledger, index: EntryHashIndex) -> None:
+    entry = pay(ledger, 10)
+    assert ledger.results(entry) == ["ok"]
+    digest = hashlib.sha256(entry).digest()
+    assert index.indexed_through() == 0  # nothing indexed: the lookup scans the log
+    assert ids(ledger, index, digest) == [tid(10)]
+    assert ids(ledger, index, digest[:4]) == [tid(10)]
+    assert ids(ledger, None, digest) == [tid(10)]
+    assert ids(ledger, index, bytes(byte ^ 0xFF for byte in digest)) == []
+
+
+def test_catching_up_moves_the_index_to_the_applied_index_and_lookups_then_read_it(ledger: Ledger, index: EntryHashIndex) -> None:
+    entries = [pay(ledger, number) for number in range(10, 20)]
+    ledger.apply(*entries[:5])
+    ledger.apply(*entries[5:])
+    assert index.catch_up(ledger.store) == 11  # the issue and the ten payments
+    assert index.indexed_through() == ledger.summary().applied_index
+    assert index.catch_up(ledger.store) == 0
+    for number, entry in zip(range(10, 20), entries, strict=True):
+        digest = hashlib.sha256(entry).digest()
+        found, indexed_through = index.ids_with_prefix(digest, 10)
+        assert found == [tid(number)] and indexed_through == ledger.summary().applied_index
+        assert ids(ledger, index, digest) == [tid(number)]
+    # Applied after the index: found in the log past it.
+    later = pay(ledger, 30)
+    ledger.apply(later)
+    assert ids(ledger, index, hashlib.sha256(later).digest()) == [tid(30)]
+
+
+def test_an_entry_that_records_nothing_is_not_logged_and_a_failed_transfer_is(ledger: Ledger, index: EntryHashIndex) -> None:
+    forged = ledger.network.sign(Transfer(tid(40), "settlement.khr@acleda", "dara@acleda", 1, "KHR"), "acleda", key=ledger.network.keys["aba"])
+    overdraft = ledger.network.sign(Transfer(tid(41), "dara@acleda", "settlement.khr@acleda", 10**12, "KHR"), "acleda")
+    assert ledger.results(forged, overdraft) == ["signer_key_not_authorized", "exceeds_credits"]
+    assert ids(ledger, index, hashlib.sha256(forged).digest()) == []
+    # A failed transfer's outcome is pinned under its id, and the hash finds it like any other.
+    assert ids(ledger, index, hashlib.sha256(overdraft).digest()) == [tid(41)]
+    # A replay records nothing new: no second pair for the same transfer.
+    ledger.apply(overdraft)
+    assert [pair[32:] for pair in logged_pairs(ledger)].count(tid(41)) == 1
+
+
+def test_a_linked_chain_that_fails_logs_each_member_once(ledger: Ledger) -> None:
+    first = pay(ledger, 50, flags=TransferFlags.LINKED)
+    second = ledger.network.sign(Transfer(tid(51), "dara@acleda", "settlement.khr@acleda", 10**12, "KHR"), "acleda")
+    results = ledger.results(first, second)
+    assert results[1] == "exceeds_credits" and results[0] == "linked_event_failed"
+    logged_ids = [pair[32:] for pair in logged_pairs(ledger)]
+    assert logged_ids.count(tid(50)) == 1 and logged_ids.count(tid(51)) == 1
+    for entry, number in ((first, 50), (second, 51)):
+        assert ids(ledger, None, hashlib.sha256(entry).digest()) == [tid(number)]
+
+
+def test_catch_up_stops_after_the_log_record_that_reaches_its_entries_max(ledger: Ledger, index: EntryHashIndex) -> None:
+    funded_index = ledger.summary().applied_index  # one pair: the fixture's issue
+    ledger.apply(*[pay(ledger, number) for number in range(100, 104)])
+    second_index = ledger.summary().applied_index
+    ledger.apply(*[pay(ledger, number) for number in range(104, 108)])
+    assert funded_index < second_index < ledger.summary().applied_index
+    # A record is indexed whole: 1 + 4 pairs reach 3 at the second record.
+    assert index.catch_up(ledger.store, entries_max=3) == 5
+    assert index.indexed_through() == second_index
+    assert index.catch_up(ledger.store, entries_max=3) == 4
+    assert index.indexed_through() == ledger.summary().applied_index
+    assert index.catch_up(ledger.store, entries_max=3) == 0
+
+
+def test_a_lookup_past_an_index_more_than_its_scan_limit_behind_says_the_index_is_rebuilding(ledger: Ledger, index: EntryHashIndex) -> None:
+    # Log records written directly (the apply would take minutes for this many transfers).
+    summary = ledger.summary()
+    per_record = 4096
+    records = lookup_scan_entries_max // per_record + 1
+    with ledger.store.write() as transaction:
+        for number in range(records):
+            pairs = b"".join(hashlib.sha256(b"%d-%d" % (number, position)).digest() + tid(position) for position in range(per_record))
+            put_log(transaction, summary.applied_index + 1 + number, pairs)
+        transaction.set_applied_index(summary.applied_index + records)
+    assert records * per_record > lookup_scan_entries_max
+    with pytest.raises(EntryHashIndexBehind) as behind:
+        ids(ledger, index, b"\x00\x01")
+    assert behind.value.indexed_through == 0 and behind.value.applied_index == summary.applied_index + records
+    while index.catch_up(ledger.store):
+        pass
+    wanted = hashlib.sha256(b"7-99").digest()
+    assert ids(ledger, index, wanted) == [tid(99)]
+
+
+def test_an_index_ahead_of_the_state_is_dropped_and_built_again(tmp_path: Path, index: EntryHashIndex) -> None:
+    network = make_network()
+    ahead = Ledger(tmp_path / "ahead", network)
+    ahead.apply(network.sign(Issue(tid(1), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
+    ahead.apply(network.sign(Issue(tid(2), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
+    index.catch_up(ahead.store)
+    ahead.store.close()
+    behind = Ledger(tmp_path / "behind", network)
+    issue = network.sign(Issue(tid(3), "settlement.khr@acleda", 5, "KHR"), "nbc")
+    behind.apply(issue)
+    assert index.indexed_through() > behind.summary().applied_index
+    assert index.catch_up(behind.store) == 1
+    assert index.indexed_through() == behind.summary().applied_index
+    assert index.ids_with_prefix(b"", 10)[0] == [tid(3)]
+    behind.store.close()
+
+
+def test_an_index_entry_naming_a_transfer_of_another_hash_stops_the_lookup(ledger: Ledger, index: EntryHashIndex) -> None:
+    entry = pay(ledger, 60)
+    ledger.apply(entry)
+    index.catch_up(ledger.store)
+    wrong = b"\xab" * 32
+    hashes = index.environment.open_db(b"hashes")  # outside a transaction: opening one begins its own
+    with index.environment.begin(write=True) as transaction:
+        transaction.put(wrong + tid(60), b"", db=hashes)
+    with ledger.store.read() as transaction, pytest.raises(StorageCorrupted, match="entry-hash index"):
+        queries.transfers_with_hash(transaction, index, wrong, 10)
+    with ledger.store.read() as transaction:
+        assert [found["id"] for found in queries.transfers_with_hash(transaction, index, hashlib.sha256(entry).digest(), 10)] == [tid(60)]
+
+
+def test_the_indexer_thread_follows_the_apply_and_reports_what_it_indexed(ledger: Ledger, index: EntryHashIndex) -> None:
+    reports: list[tuple[int, int]] = []
+    indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *report: reports.append(report), failed=lambda: None, fatal=pytest.fail)
+    indexer.start()
+    try:
+        for number in range(70, 75):
+            ledger.apply(pay(ledger, number))
+            indexer.wake()
+        deadline = time.monotonic() + deadline_seconds
+        while index.indexed_through() != ledger.summary().applied_index:
+            assert time.monotonic() < deadline, f"index at {index.indexed_through()}, applied {ledger.summary().applied_index}"
+            time.sleep(0.01)
+    finally:
+        indexer.close()
+    assert sum(pairs for pairs, _through in reports) == 6  # the fixture's issue and five payments
+    assert reports[-1][1] == ledger.summary().applied_index
+
+
+def test_the_indexer_counts_a_failed_transaction_and_keeps_running(ledger: Ledger, tmp_path: Path) -> None:
+    # A map too small for the index: every indexing transaction fails with MapFullError, as on a full disk.
+    tiny = EntryHashIndex(tmp_path / "tiny", map_size_bytes=64 << 10)
+    for start in range(1000, 3000, 250):
+        ledger.apply(*[pay(ledger, number) for number in range(start, start + 250)])
+    failures = threading.Semaphore(0)
+    indexer = EntryHashIndexer(tiny, ledger.store, indexed=lambda *_: None, failed=failures.release, fatal=pytest.fail)
+    with pytest.raises(lmdb.MapFullError):
+        tiny.catch_up(ledger.store)
+    indexer.start()
+    try:
+        indexer.wake()
+        assert failures.acquire(timeout=deadline_seconds)
+        assert tiny.indexed_through() == 0
+        # Lookups still answer, from the log.
+        assert ids(ledger, tiny, hashlib.sha256(pay(ledger, 1500)).digest()) == [tid(1500)]
+    finally:
+        indexer.close()
+        tiny.close()
+
+
+def test_catch_up_entries_max_is_a_transaction_size_not_a_cap_on_what_is_indexed(ledger: Ledger, index: EntryHashIndex) -> None:
+    assert catch_up_entries_max > 0
+    ledger.apply(*[pay(ledger, number) for number in range(2000, 2010)])
+    ledger.apply(*[pay(ledger, number) for number in range(2010, 2020)])
+    total = 0
+    while pairs := index.catch_up(ledger.store, entries_max=10):
+        total += pairs
+    assert total == 21 and index.indexed_through() == ledger.summary().applied_index
