@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lmdb
 
-from storage.state import LedgerStore, StateTransaction, StorageCorrupted
+from storage.state import LedgerStore, StateTransaction, StorageCorrupted, open_environment
 
 # Bakong-style lookups know a transfer by the SHA-256 of its signed entry, as stored and replicated; the
 # short hash is its first 4 bytes.
@@ -80,17 +80,8 @@ class EntryHashIndex:
         self.path = path
         # sync=True with metasync=False: a crash may lose the last indexing transaction, never the index's
         # integrity (LMDB's MDB_NOMETASYNC); what is lost is indexed again from the log.
-        self.environment = lmdb.open(
-            str(path),
-            map_size=map_size_bytes,
-            subdir=True,
-            metasync=False,
-            sync=sync,
-            map_async=False,
-            writemap=False,
-            readahead=False,
-            meminit=False,
-            max_dbs=index_databases_max,
+        self.environment = open_environment(
+            path, map_size_bytes=map_size_bytes, sync=sync, metasync=False, databases_max=index_databases_max
         )
         self._hashes = self.environment.open_db(b"hashes")
         self._meta = self.environment.open_db(b"meta")

@@ -121,6 +121,29 @@ class StateSummary:
     cluster_time_ms: int
 
 
+def open_environment(
+    path: Path, *, map_size_bytes: int, sync: bool, metasync: bool, databases_max: int, readonly: bool = False
+) -> lmdb.Environment:
+    """An LMDB environment with every option spelled out: writemap=False keeps a full disk an error instead
+    of a SIGBUS (measured in research/reliability.md); readahead=False suits random access to a database
+    larger than RAM; map_async does nothing without writemap and is off."""
+    return lmdb.open(
+        str(path),
+        map_size=map_size_bytes,
+        subdir=True,
+        readonly=readonly,
+        metasync=metasync,
+        sync=sync,
+        map_async=False,
+        writemap=False,
+        readahead=False,
+        meminit=False,
+        max_readers=readers_max,
+        max_dbs=databases_max,
+        lock=not readonly,
+    )
+
+
 class LedgerStore:
     """An open LMDB environment holding one node's ledger state."""
 
@@ -128,23 +151,9 @@ class LedgerStore:
         if not readonly:
             path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # Options are spelled out: sync+metasync make a committed transaction durable before commit
-        # returns; writemap=False keeps a full disk an error instead of a SIGBUS (measured in
-        # research/reliability.md); readahead=False suits random access to a database larger than RAM.
-        self.environment = lmdb.open(
-            str(path),
-            map_size=map_size_bytes,
-            subdir=True,
-            readonly=readonly,
-            metasync=sync,
-            sync=sync,
-            map_async=False,
-            writemap=False,
-            readahead=False,
-            meminit=False,
-            max_readers=readers_max,
-            max_dbs=databases_max,
-            lock=not readonly,
+        # sync+metasync make a committed transaction durable before commit returns.
+        self.environment = open_environment(
+            path, map_size_bytes=map_size_bytes, sync=sync, metasync=sync, readonly=readonly, databases_max=databases_max
         )
         self.databases = {
             name: self.environment.open_db(name.encode(), create=not readonly) for name in _database_names
