@@ -221,10 +221,26 @@ def test_the_indexer_counts_a_failed_transaction_and_keeps_running(ledger: Ledge
 
 
 def test_catch_up_entries_max_is_a_transaction_size_not_a_cap_on_what_is_indexed(ledger: Ledger, index: EntryHashIndex) -> None:
-    assert catch_up_entries_max > 0
     ledger.apply(*[pay(ledger, number) for number in range(2000, 2010)])
     ledger.apply(*[pay(ledger, number) for number in range(2010, 2020)])
     total = 0
     while pairs := index.catch_up(ledger.store, entries_max=10):
         total += pairs
     assert total == 21 and index.indexed_through() == ledger.summary().applied_index
+
+
+def test_one_catch_up_takes_whole_log_records_until_it_has_passed_catch_up_entries_max(ledger: Ledger, index: EntryHashIndex) -> None:
+    applied = ledger.summary().applied_index
+    per_record = 8192
+    with ledger.store.write() as transaction:
+        for number in range(4):
+            pairs = b"".join(hashlib.sha256(b"%d-%d" % (number, position)).digest() + tid(position) for position in range(per_record))
+            put_log(transaction, applied + 1 + number, pairs)
+        transaction.set_applied_index(applied + 4)
+    assert 3 * per_record > catch_up_entries_max > 2 * per_record + 1
+    # The fixture's issue (1 pair, an earlier record) and three of these reach the limit at the third.
+    assert index.catch_up(ledger.store) == 1 + 3 * per_record
+    assert index.indexed_through() == applied + 3
+    assert index.catch_up(ledger.store) == per_record
+    assert index.indexed_through() == applied + 4
+    assert ids(ledger, index, hashlib.sha256(b"3-5").digest()) == [tid(5)]
