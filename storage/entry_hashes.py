@@ -120,9 +120,9 @@ class EntryHashIndex:
                 return 0
             pairs: list[bytes] = []
             reached = applied_index
+            # The apply writes a log record and the applied index in one transaction: this view holds no record
+            # past `applied_index`.
             for index, logged in _logged_pairs(state, indexed_through):
-                if index > applied_index:
-                    break
                 pairs.extend(logged[start : start + pair_bytes] for start in range(0, len(logged), pair_bytes))
                 if len(pairs) >= entries_max:
                     reached = index

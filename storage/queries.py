@@ -82,16 +82,16 @@ def transfers_with_hash(
     Raises EntryHashIndexBehind while a node rebuilds its index."""
     found = []
     for transfer_id in transfer_ids_with_hash_prefix(transaction, index, hash_prefix, min(limit, reference_limit_max)):
-        record = get_transfer(transaction, transfer_id)
-        if record is None:
+        details = transfer(transaction, transfer_id)
+        if details is None:
             continue  # indexed after this transaction's view of the state was taken
         # The index is derived and unsealed: each answer is checked against the sealed record it names.
-        if not hashlib.sha256(record.entry).digest().startswith(hash_prefix):
+        if not hashlib.sha256(details["entry"]).digest().startswith(hash_prefix):
             raise StorageCorrupted(
                 f"the entry-hash index maps {hash_prefix.hex()} to transfer {transfer_id.hex()}, whose entry hashes "
                 "otherwise: the index is damaged; stop the node and delete its entry_hashes directory (it is rebuilt)"
             )
-        found.append(transfer(transaction, transfer_id))
+        found.append(details)
     return found
 
 
