@@ -375,15 +375,19 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         leader = cluster.wait_for_leader()
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid}
         cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
+        threads_before = bench._thread_cpu_seconds(cluster)
         faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
         disk_before = disk_writes(device) if device is not None else None
         address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
         cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
+        threads_after = bench._thread_cpu_seconds(cluster)
         document["entry_hash_index_lag_entries"] = bench.entry_hash_index_lag(cluster)
         document["transfers_per_second"] = round(peak.per_second, 1)
         document["failed"] = peak.failed
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
+        # Where the CPU went, so the large network's extra CPU per transfer can be traced to a thread.
+        document["cpu_microseconds_per_transfer_by_thread"] = bench._per_transfer_by_thread(threads_before, threads_after, peak.acknowledged)
         faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
         document["disk_reads_per_transfer"] = round(faults / max(1, peak.acknowledged), 3)
         if device is not None:
@@ -424,6 +428,13 @@ def render_scale(document: dict[str, Any]) -> str:
     rows.append(("committed transfers/s", f"{small['transfers_per_second']:,.0f}", f"{large['transfers_per_second']:,.0f}"))
     rows.append(("node CPU per transfer (all nodes)", f"{small['node_cpu_microseconds_per_transfer']:,.0f} us",
                  f"{large['node_cpu_microseconds_per_transfer']:,.0f} us"))
+    # By thread role, largest first in the large network; roles under 1 us per transfer in both are left out.
+    by_thread = [side.get("cpu_microseconds_per_transfer_by_thread", {}) for side in (small, large)]
+    threads = {thread for side in by_thread for thread in side}
+    for thread in sorted(threads, key=lambda thread: -sum(by_thread[1].get(thread, {}).values())):
+        cells = [(sum(side.get(thread, {}).values()), side.get(thread, {}).get("system", 0.0)) for side in by_thread]
+        if max(total for total, _system in cells) >= 1:
+            rows.append((f"  {thread} threads", *(f"{total:,.0f} us (sys {system:,.0f})" for total, system in cells)))
     if all("disk_ceiling_transfers_per_second" in side for side in (small, large)):
         rows.append(("disk writes per transfer (all nodes)", *(f"{side['disk_writes_per_transfer']:.1f} ({side['disk_bytes_written_per_transfer'] / 1024:.0f} KiB)" for side in (small, large))))
         rows.append(("random 4 KiB writes/s the disk takes", *(f"{side['disk_page_writes_per_second']:,}" for side in (small, large))))
