@@ -36,6 +36,8 @@ from node.client import AsyncClient, Client, ClientError, new_transfer_id, retry
 from node.cluster import ClusterError, LocalCluster, local_raft
 from node.netns import NamespaceNetwork, NetworkError, unavailable_reason
 from node.protocol import STATUS_APPLIED, STATUS_REJECTED, STATUS_UNKNOWN, retryable_errors
+from storage.entry_hashes import EntryHashIndex, IndexCheck
+from storage.state import LedgerStore, StorageCorrupted
 from storage.state import databases_max as state_databases_max
 from storage.state import value_checksum_bytes
 
@@ -1393,7 +1395,8 @@ class ChaosRun:
         positions = self._converge()
         states = self._read_states(baseline)
         verdict = check(baseline, self.workload.registry.bodies, self.workload.operations, states, positions)
-        return self._report(plans, nemesis, verdict, positions, final_recovery, probe)
+        indexes = self._check_entry_hash_indexes()
+        return self._report(plans, nemesis, verdict, positions, final_recovery, probe, indexes)
 
     # Set-up ------------------------------------------------------------------------------------------------
 
@@ -1530,10 +1533,23 @@ class ChaosRun:
         }
         return NodeState(name, status["applied_index"], status["state_hash"], balances, totals, transfers, history)
 
+    def _check_entry_hash_indexes(self) -> dict[str, IndexCheck | str]:
+        """Stop every node, then compare each node's entry-hash index with its state's log (derived data the
+        state hash does not cover, written by a thread of its own through every fault): a check, or the error
+        that prevented one."""
+        self.cluster.stop()
+        checks: dict[str, IndexCheck | str] = {}
+        for name, node in self.cluster.nodes.items():
+            try:
+                checks[name] = check_entry_hash_index(node.data_dir)
+            except (lmdb.Error, StorageCorrupted, OSError) as error:
+                checks[name] = f"{type(error).__name__}: {error}"
+        return checks
+
     # Report ------------------------------------------------------------------------------------------------
 
     def _report(self, plans: Sequence[FaultPlan], nemesis: Nemesis, verdict: Verdict, positions: Mapping[str, tuple[int, str]],
-                final_recovery: float | None, probe: Operation) -> dict[str, Any]:
+                final_recovery: float | None, probe: Operation, indexes: Mapping[str, IndexCheck | str]) -> dict[str, Any]:
         operations = self.workload.operations
         faults = [record.document() for record in nemesis.records]
         windows = [(record.started_seconds, record.healed_seconds) for record in nemesis.records]
@@ -1543,6 +1559,9 @@ class ChaosRun:
             and final_recovery is not None
         invariants["live_after_heal"] = probe.outcome == "ok"
         invariants["never_ready_while_diverged"] = not observations.ready_while_diverged and not observations.hash_mismatches
+        invariants["entry_hash_indexes_consistent"] = bool(indexes) and all(
+            isinstance(found, IndexCheck) and found.consistent for found in indexes.values()
+        )
         document = {
             "seed": self.options.seed,
             "commit": _git_commit(),
@@ -1576,6 +1595,7 @@ class ChaosRun:
             "status_probes": observations.probes,
             "ready_while_diverged": observations.ready_while_diverged,
             "state_hash_mismatches": observations.hash_mismatches,
+            "entry_hash_indexes": {name: _index_document(found) for name, found in indexes.items()},
             "invariants": invariants,
             "invariants_ok": all(invariants.values()),
             "replay": replay_command(self.options),
@@ -1607,6 +1627,38 @@ class ChaosRun:
             problems += self.network.destroy()
         if problems:
             raise ChaosError("clean-up left things behind: " + "; ".join(problems))
+
+
+def check_entry_hash_index(data_dir: Path) -> IndexCheck:
+    """A stopped node's entry-hash index against its state's log (both opened from `data_dir`)."""
+    state_path, index_path = data_dir / "state", data_dir / "entry_hashes"
+    if not (index_path / "data.mdb").exists():
+        raise OSError(f"{index_path} holds no entry-hash index")
+    # LMDB maps at least the file's size whatever is asked; nothing is written through these handles.
+    store = LedgerStore(state_path, map_size_bytes=1 << 20, readonly=True)
+    try:
+        index = EntryHashIndex(index_path, map_size_bytes=1 << 20)
+        try:
+            return index.check(store)
+        finally:
+            index.close()
+    finally:
+        store.close()
+
+
+def _index_document(found: IndexCheck | str) -> dict[str, Any]:
+    if isinstance(found, str):
+        return {"error": found}
+    return {
+        "consistent": found.consistent,
+        "indexed_through": found.indexed_through,
+        "applied_index": found.applied_index,
+        "logged_pairs": found.logged_pairs,
+        "indexed_pairs": found.indexed_pairs,
+        "missing_pairs": found.missing_pairs,
+        "missing_examples": [pair.hex() for pair in found.missing_examples],
+        "other_network": found.other_network,
+    }
 
 
 def _history_since(client: Client, account: str, index: int) -> tuple[tuple[bytes, int, int], ...]:
@@ -1728,6 +1780,7 @@ def render_table(document: Mapping[str, Any]) -> str:
         f"acknowledged {document['acknowledged']}   lost {document['lost']}   duplicated {document['duplicated']}",
         f"longest unavailability {document['longest_unavailability_seconds']:.2f} s   "
         f"latency p50 {latency['p50']} ms  p99 {latency['p99']} ms (p99 under fault {latency['p99_under_fault']} ms)",
+        "entry-hash indexes (indexed / applied): " + ", ".join(_index_summary(name, found) for name, found in document.get("entry_hash_indexes", {}).items()),
         "invariants: " + ", ".join(f"{name} {'ok' if ok else 'BROKEN'}" for name, ok in document["invariants"].items()),
         f"verdict: {'PASS' if document['invariants_ok'] and document['faults_effective'] else 'FAIL'}"
         f"{'' if document['faults_effective'] else ' (a fault had no effect)' if document['faults'] else ' (no fault ran)'}",
@@ -1736,6 +1789,13 @@ def render_table(document: Mapping[str, Any]) -> str:
     if document["source_changed_during_run"]:
         lines.append("WARNING: the node sources changed during the run; nodes started at different times ran different code")
     return "\n".join(lines)
+
+
+def _index_summary(name: str, found: Mapping[str, Any]) -> str:
+    if "error" in found:
+        return f"{name} {found['error']}"
+    differs = "" if found["consistent"] else f" INCONSISTENT ({found['missing_pairs']} missing, {found['indexed_pairs']} of {found['logged_pairs']} pairs)"
+    return f"{name} {found['indexed_through']}/{found['applied_index']}{differs}"
 
 
 def run_chaos(options: ChaosOptions, say: Callable[[str], None] | None = None) -> dict[str, Any]:

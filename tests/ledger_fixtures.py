@@ -27,7 +27,8 @@ class Network:
         )
 
 
-def make_network(institutions: tuple[tuple[str, Role], ...] = (("aba", Role.BANK), ("acleda", Role.BANK))) -> Network:
+def make_network(institutions: tuple[tuple[str, Role], ...] = (("aba", Role.BANK), ("acleda", Role.BANK)),
+                 network_id: str = cluster_id) -> Network:
     keys = {"nbc": SigningKey.generate()}
     records = [Institution("nbc", "National Bank of Cambodia", Role.CENTRAL_BANK, bytes(keys["nbc"].verify_key))]
     for institution_id, role in institutions:
@@ -44,7 +45,7 @@ def make_network(institutions: tuple[tuple[str, Role], ...] = (("aba", Role.BANK
     )
     genesis = Genesis(
         format_version=1,
-        cluster_id=cluster_id,
+        cluster_id=network_id,
         currencies=(Currency("KHR", 0), Currency("USD", 2)),
         institutions=tuple(records),
         validators=(validator,),

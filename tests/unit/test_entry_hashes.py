@@ -244,3 +244,53 @@ def test_one_catch_up_takes_whole_log_records_until_it_has_passed_catch_up_entri
     assert index.catch_up(ledger.store) == per_record
     assert index.indexed_through() == applied + 4
     assert ids(ledger, index, hashlib.sha256(b"3-5").digest()) == [tid(5)]
+
+
+def test_the_index_check_finds_a_caught_up_or_partly_built_index_consistent(ledger: Ledger, index: EntryHashIndex) -> None:
+    ledger.apply(*[pay(ledger, number) for number in range(300, 305)])
+    first_record = ledger.summary().applied_index
+    ledger.apply(*[pay(ledger, number) for number in range(305, 308)])
+    assert index.catch_up(ledger.store, entries_max=2) == 6  # the fixture's issue and the first record's five
+    partly = index.check(ledger.store)
+    assert partly.consistent and partly.indexed_through == first_record < partly.applied_index
+    assert partly.logged_pairs == partly.indexed_pairs == 6
+    index.catch_up(ledger.store)
+    built = index.check(ledger.store)
+    assert built.consistent and built.indexed_through == built.applied_index and built.indexed_pairs == 9
+
+
+def test_the_index_check_names_a_logged_pair_missing_from_the_index_and_counts_an_extra_one(ledger: Ledger, index: EntryHashIndex) -> None:
+    entry = pay(ledger, 310)
+    ledger.apply(entry)
+    index.catch_up(ledger.store)
+    hashes = index.environment.open_db(b"hashes")  # outside a transaction: opening one begins its own
+    pair = hashlib.sha256(entry).digest() + tid(310)
+    with index.environment.begin(write=True) as transaction:
+        assert transaction.delete(pair, db=hashes)
+    missing = index.check(ledger.store)
+    assert not missing.consistent and missing.missing_pairs == 1 and missing.missing_examples == (pair,)
+    with index.environment.begin(write=True) as transaction:
+        transaction.put(pair, b"", db=hashes)
+        transaction.put(b"\xab" * 32 + tid(311), b"", db=hashes)
+    extra = index.check(ledger.store)
+    assert not extra.consistent and extra.missing_pairs == 0 and extra.indexed_pairs == extra.logged_pairs + 1
+
+
+def test_the_index_check_flags_an_index_ahead_of_the_state_or_of_another_network(tmp_path: Path, index: EntryHashIndex) -> None:
+    network = make_network()
+    ahead = Ledger(tmp_path / "ahead", network)
+    ahead.apply(network.sign(Issue(tid(1), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
+    ahead.apply(network.sign(Issue(tid(2), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
+    index.catch_up(ahead.store)
+    assert index.check(ahead.store).consistent
+    ahead.store.close()
+    behind = Ledger(tmp_path / "behind", network)
+    behind.apply(network.sign(Issue(tid(3), "settlement.khr@acleda", 5, "KHR"), "nbc"))
+    assert not index.check(behind.store).consistent
+    other = Ledger(tmp_path / "other", make_network(network_id="tonle-other"))
+    for number in range(4, 8):
+        other.apply(other.network.sign(Issue(tid(number), "settlement.khr@acleda", 5, "KHR"), "nbc"))
+    found = index.check(other.store)
+    assert found.other_network and not found.consistent
+    behind.store.close()
+    other.store.close()
