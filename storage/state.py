@@ -126,7 +126,9 @@ def open_environment(
 ) -> lmdb.Environment:
     """An LMDB environment with every option spelled out: writemap=False keeps a full disk an error instead
     of a SIGBUS (measured in research/reliability.md); readahead=False suits random access to a database
-    larger than RAM; map_async does nothing without writemap and is off."""
+    larger than RAM; map_async does nothing without writemap and is off. Locking stays on when read-only:
+    a reader beside a running node (`tonle export --data-dir`) must be in the lock table, or the node's
+    writer reuses the pages its snapshot still reads."""
     return lmdb.open(
         str(path),
         map_size=map_size_bytes,
@@ -140,7 +142,7 @@ def open_environment(
         meminit=False,
         max_readers=readers_max,
         max_dbs=databases_max,
-        lock=not readonly,
+        lock=True,
     )
 
 
