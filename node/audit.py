@@ -1,5 +1,5 @@
 """Receipts from a node, and auditing: export a node's log with its signed heads, replay it from genesis
-offline, and check heads against each other with consistency proofs."""
+offline, check heads against each other with consistency proofs, and check a node's entry-hash index."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from consensus.receipts import (
     verify_tree_head,
 )
 from node.cli_support import cluster_of, exit_code_failure, non_negative, pick_node, positive, print_json, transfer_id_argument
+from node.indexer import check_index, index_check_document
 from storage import tree
 from storage.records import archived_batches, heads_from
 from storage.rules import apply_batch, apply_no_op, genesis_applied_index, initialize
@@ -120,6 +121,17 @@ def command_export(arguments: argparse.Namespace) -> int:
         data_dir = cluster.nodes[pick_node(cluster, arguments.node)].data_dir
     print_json(export_log(data_dir, Path(arguments.out)))
     return 0
+
+
+def command_index_check(arguments: argparse.Namespace) -> int:
+    if arguments.data_dir:
+        data_dir = Path(arguments.data_dir)
+    else:
+        cluster = cluster_of(arguments)
+        data_dir = cluster.nodes[pick_node(cluster, arguments.node)].data_dir
+    found = check_index(data_dir)
+    print_json(index_check_document(found))
+    return 0 if found.consistent else exit_code_failure
 
 
 # Audit ----------------------------------------------------------------------------------------------------
@@ -273,6 +285,16 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--node")
     export.add_argument("--out", required=True)
     export.set_defaults(handler=command_export)
+
+    check = commands.add_parser(
+        "index-check",
+        help="compare a node's entry-hash index with its state's hash log (read-only; the node may keep running)",
+    )
+    source = check.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="the node's data directory")
+    source.add_argument("--dir", help="a local network's directory (with --node)")
+    check.add_argument("--node")
+    check.set_defaults(handler=command_index_check)
 
     audit = commands.add_parser("audit", help="replay an export from genesis, or check two signed heads are consistent")
     genesis = audit.add_mutually_exclusive_group(required=True)

@@ -34,10 +34,11 @@ from consensus.raft.journal import digest_bytes, file_header, record_header
 from node.cli_support import exit_code_failure, json_default
 from node.client import AsyncClient, Client, ClientError, new_transfer_id, retry_backoff_seconds
 from node.cluster import ClusterError, LocalCluster, local_raft
+from node.indexer import check_index, index_check_document
 from node.netns import NamespaceNetwork, NetworkError, unavailable_reason
 from node.protocol import STATUS_APPLIED, STATUS_REJECTED, STATUS_UNKNOWN, retryable_errors
-from storage.entry_hashes import EntryHashIndex, IndexCheck
-from storage.state import LedgerStore, StorageCorrupted
+from storage.entry_hashes import IndexCheck
+from storage.state import StorageCorrupted
 from storage.state import databases_max as state_databases_max
 from storage.state import value_checksum_bytes
 
@@ -1541,7 +1542,7 @@ class ChaosRun:
         checks: dict[str, IndexCheck | str] = {}
         for name, node in self.cluster.nodes.items():
             try:
-                checks[name] = check_entry_hash_index(node.data_dir)
+                checks[name] = check_index(node.data_dir)
             except (lmdb.Error, StorageCorrupted, OSError) as error:
                 checks[name] = f"{type(error).__name__}: {error}"
         return checks
@@ -1595,7 +1596,9 @@ class ChaosRun:
             "status_probes": observations.probes,
             "ready_while_diverged": observations.ready_while_diverged,
             "state_hash_mismatches": observations.hash_mismatches,
-            "entry_hash_indexes": {name: _index_document(found) for name, found in indexes.items()},
+            "entry_hash_indexes": {
+                name: {"error": found} if isinstance(found, str) else index_check_document(found) for name, found in indexes.items()
+            },
             "invariants": invariants,
             "invariants_ok": all(invariants.values()),
             "replay": replay_command(self.options),
@@ -1627,38 +1630,6 @@ class ChaosRun:
             problems += self.network.destroy()
         if problems:
             raise ChaosError("clean-up left things behind: " + "; ".join(problems))
-
-
-def check_entry_hash_index(data_dir: Path) -> IndexCheck:
-    """A stopped node's entry-hash index against its state's log (both opened from `data_dir`)."""
-    state_path, index_path = data_dir / "state", data_dir / "entry_hashes"
-    if not (index_path / "data.mdb").exists():
-        raise OSError(f"{index_path} holds no entry-hash index")
-    # LMDB maps at least the file's size whatever is asked; nothing is written through these handles.
-    store = LedgerStore(state_path, map_size_bytes=1 << 20, readonly=True)
-    try:
-        index = EntryHashIndex(index_path, map_size_bytes=1 << 20)
-        try:
-            return index.check(store)
-        finally:
-            index.close()
-    finally:
-        store.close()
-
-
-def _index_document(found: IndexCheck | str) -> dict[str, Any]:
-    if isinstance(found, str):
-        return {"error": found}
-    return {
-        "consistent": found.consistent,
-        "indexed_through": found.indexed_through,
-        "applied_index": found.applied_index,
-        "logged_pairs": found.logged_pairs,
-        "indexed_pairs": found.indexed_pairs,
-        "missing_pairs": found.missing_pairs,
-        "missing_examples": [pair.hex() for pair in found.missing_examples],
-        "other_network": found.other_network,
-    }
 
 
 def _history_since(client: Client, account: str, index: int) -> tuple[tuple[bytes, int, int], ...]:

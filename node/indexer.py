@@ -1,14 +1,17 @@
-"""The thread that builds a node's entry-hash lookup index from the state's hash log, behind the apply."""
+"""The thread that builds a node's entry-hash lookup index from the state's hash log, behind the apply, and
+the check that compares what it built with the log."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import lmdb
 
-from storage.entry_hashes import EntryHashIndex, catch_up_entries_max
+from storage.entry_hashes import EntryHashIndex, IndexCheck, catch_up_entries_max
 from storage.state import LedgerStore, StorageCorrupted
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,9 @@ index_interval_seconds = 2.0
 retry_pause_seconds = 5.0
 # The longest a clean stop waits for an indexing transaction in progress.
 stop_wait_seconds = 30.0
+# What a check maps of a node's state and index: address space only, so a running node can grow its files
+# past what they held when the check began.
+check_map_size_bytes = 1 << 40
 
 
 class EntryHashIndexer:
@@ -87,3 +93,30 @@ class EntryHashIndexer:
                 self._failed()
                 logger.error("entry-hash indexing failed, retrying in %.0f s: %s", retry_pause_seconds, error)
                 pause = retry_pause_seconds
+
+
+def check_index(data_dir: Path) -> IndexCheck:
+    """A node's entry-hash index against its state's log, both opened read-only from `data_dir`. Safe beside
+    the running node: LMDB registers the check's readers, and each side is read from one snapshot."""
+    index = EntryHashIndex(data_dir / "entry_hashes", map_size_bytes=check_map_size_bytes, readonly=True)
+    try:
+        store = LedgerStore(data_dir / "state", map_size_bytes=check_map_size_bytes, readonly=True)
+        try:
+            return index.check(store)
+        finally:
+            store.close()
+    finally:
+        index.close()
+
+
+def index_check_document(found: IndexCheck) -> dict[str, Any]:
+    return {
+        "consistent": found.consistent,
+        "indexed_through": found.indexed_through,
+        "applied_index": found.applied_index,
+        "logged_pairs": found.logged_pairs,
+        "indexed_pairs": found.indexed_pairs,
+        "missing_pairs": found.missing_pairs,
+        "missing_examples": [pair.hex() for pair in found.missing_examples],
+        "other_network": found.other_network,
+    }

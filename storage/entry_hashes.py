@@ -99,16 +99,21 @@ class EntryHashIndex:
     environment: in the state's, every indexing transaction would hold up the apply.
     """
 
-    def __init__(self, path: Path, *, map_size_bytes: int, sync: bool = True) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, map_size_bytes: int, sync: bool = True, readonly: bool = False) -> None:
+        """`readonly`: open an index a node built, beside it or after it stopped, to read or `check` it."""
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not (path / "data.mdb").exists():
+            raise FileNotFoundError(f"{path} holds no entry-hash index")
         self.path = path
         # sync=True with metasync=False: a crash may lose the last indexing transaction, never the index's
         # integrity (LMDB's MDB_NOMETASYNC); what is lost is indexed again from the log.
         self.environment = open_environment(
-            path, map_size_bytes=map_size_bytes, sync=sync, metasync=False, databases_max=index_databases_max
+            path, map_size_bytes=map_size_bytes, sync=sync, metasync=False, databases_max=index_databases_max,
+            readonly=readonly,
         )
-        self._hashes = self.environment.open_db(b"hashes")
-        self._meta = self.environment.open_db(b"meta")
+        self._hashes = self.environment.open_db(b"hashes", create=not readonly)
+        self._meta = self.environment.open_db(b"meta", create=not readonly)
 
     def close(self) -> None:
         self.environment.close()

@@ -7,6 +7,7 @@ import re
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -175,6 +176,14 @@ def test_every_node_builds_its_entry_hash_index_behind_the_apply(network, traffi
         entries = ("tonle_entry_hash_index_entries", "tonle_entry_hash_index_entries_total")
         assert value(now, *entries) - value(traffic.before[name], *entries) >= traffic.driven, name
         assert value(now, "tonle_entry_hash_index_errors", "tonle_entry_hash_index_errors_total") == 0, name
+        # What an SRE runs beside the live node: its index holds exactly what its state logged.
+        checked = subprocess.run(
+            [sys.executable, "-m", "node", "index-check", "--dir", str(network.directory), "--node", name],
+            capture_output=True, text=True, timeout=deadline_seconds,
+        )
+        assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+        report = json.loads(checked.stdout)
+        assert report["consistent"] and report["indexed_pairs"] == report["logged_pairs"] >= traffic.driven, report
 
 
 def test_one_leader_known_to_every_node_in_one_term(network, traffic):

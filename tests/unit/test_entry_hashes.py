@@ -3,7 +3,11 @@ the lookups that combine the two, on real LMDB in temp dirs."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +17,7 @@ import lmdb
 import pytest
 
 from consensus.entries import Issue, OpenAccount, Transfer, TransferFlags
+from node import audit
 from node.indexer import EntryHashIndexer
 from storage import entry_hashes, queries
 from storage.entry_hashes import (
@@ -294,3 +299,37 @@ def test_the_index_check_flags_an_index_ahead_of_the_state_or_of_another_network
     assert found.other_network and not found.consistent
     behind.store.close()
     other.store.close()
+
+
+def test_tonle_index_check_reads_a_node_data_directory_and_fails_on_a_missing_pair(tmp_path: Path) -> None:
+    network = make_network()
+    data_dir = tmp_path / "data"
+    ledger = Ledger(data_dir / "state", network)
+    entry = network.sign(Issue(tid(320), "settlement.khr@acleda", 5, "KHR"), "nbc")
+    ledger.apply(entry)
+    index = EntryHashIndex(data_dir / "entry_hashes", map_size_bytes=64 << 20)
+    index.catch_up(ledger.store)
+    ledger.store.close()  # one process opens an LMDB environment once: the check opens its own handles
+    index.close()
+
+    def run() -> tuple[int, dict]:
+        root = argparse.ArgumentParser(prog="tonle")
+        audit.add_audit_commands(root.add_subparsers(dest="command", required=True))
+        arguments = root.parse_args(["index-check", "--data-dir", str(data_dir)])
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            code = arguments.handler(arguments)
+        return code, json.loads(output.getvalue())
+
+    code, report = run()
+    assert code == 0 and report["consistent"] and report["logged_pairs"] == report["indexed_pairs"] == 1
+    reopened = EntryHashIndex(data_dir / "entry_hashes", map_size_bytes=64 << 20)
+    hashes = reopened.environment.open_db(b"hashes")
+    with reopened.environment.begin(write=True) as transaction:
+        assert transaction.delete(hashlib.sha256(entry).digest() + tid(320), db=hashes)
+    reopened.close()
+    code, report = run()
+    assert code == 1 and not report["consistent"] and report["missing_pairs"] == 1
+    assert report["missing_examples"] == [(hashlib.sha256(entry).digest() + tid(320)).hex()]
+    with pytest.raises(FileNotFoundError, match="no entry-hash index"):
+        EntryHashIndex(tmp_path / "nowhere", map_size_bytes=64 << 20, readonly=True)
