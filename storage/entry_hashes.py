@@ -168,10 +168,12 @@ class EntryHashIndex:
         return len(pairs)
 
     def check(self, store: LedgerStore, examples_max: int = 10) -> IndexCheck:
-        """Compare the index with the state's log (one lookup per logged pair: for a stopped node, or a test).
+        """Compare the index with the state's log: one lookup per logged pair, under one read transaction on
+        each (about 50 s for 13.5 M pairs, while the state's writer cannot reuse the pages it frees meanwhile).
 
         Logged pairs are unique (a transfer is recorded once), so every logged pair found and equal counts
-        mean the index holds exactly the log through its position."""
+        mean the index holds exactly the log through its position. The index's transaction begins first, so
+        on a running node the state read is at or past the index's position."""
         missing: list[bytes] = []
         missing_pairs = logged_pairs = 0
         with self.environment.begin() as transaction, store.read() as state:
