@@ -487,7 +487,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--output", choices=("table", "json"), default="table")
     bench.add_argument("--scale", action="store_true",
                        help="compare a network holding --scale-accounts accounts and --scale-transfers transfers with "
-                            "one holding --accounts accounts and as many transfers per account; --duration is per network")
+                            "one holding --accounts accounts and as many transfers per account, each measured twice (small, large, large, small); --duration is per measurement")
     bench.add_argument("--scale-accounts", type=positive, default=1_000_000)
     bench.add_argument("--scale-transfers", type=positive, default=10_000_000)
     bench.set_defaults(handler=command_bench)
