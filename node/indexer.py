@@ -82,7 +82,10 @@ class EntryHashIndexer:
             pause = 0.0
             try:
                 pairs = self._index.catch_up(self._store, catch_up_entries_max)
-                self._indexed(pairs, self._index.indexed_through())
+                indexed_through = self._index.indexed_through()
+                if pairs:
+                    logger.debug("entry-hash index: %d pairs, now through index %d", pairs, indexed_through)
+                self._indexed(pairs, indexed_through)
                 if 0 < pairs < catch_up_entries_max:
                     pause = index_interval_seconds  # caught up: let the next transaction gather more
             except StorageCorrupted as error:

@@ -609,12 +609,14 @@ class RaftNode:
         """Called by pysyncobj at start-up and when a leader sends a snapshot. Rolls forward only."""
         self._apply_thread.drain()  # entries handed over before the snapshot arrived apply first, in order
         with self._apply_lock:
+            applied_before = self._store.summary().applied_index
             path = Path(file_name)
             header, installed = restore_from_snapshot(
                 path, self._store, self._genesis.cluster_id, verified=self._read_snapshot_header(path)
             )
         if installed:
-            logger.warning("installed snapshot: state now at index %d", header.applied_index)
+            # The state's own applied index before (the log prefix shows pysyncobj's, which can differ).
+            logger.warning("installed snapshot: state now at index %d (was at %d)", header.applied_index, applied_before)
         else:
             logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
         voters = {TCPNode(address) for address in header.voters}
