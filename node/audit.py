@@ -113,23 +113,21 @@ def export_log(data_dir: Path, output: Path, first_index: int = genesis_applied_
     return {"batches": batches, "heads": heads, "last_index": last}
 
 
-def command_export(arguments: argparse.Namespace) -> int:
+def _data_dir(arguments: argparse.Namespace) -> Path:
+    """`--data-dir`, or the data directory of `--node` in the local network `--dir`."""
     if arguments.data_dir:
-        data_dir = Path(arguments.data_dir)
-    else:
-        cluster = cluster_of(arguments)
-        data_dir = cluster.nodes[pick_node(cluster, arguments.node)].data_dir
-    print_json(export_log(data_dir, Path(arguments.out)))
+        return Path(arguments.data_dir)
+    cluster = cluster_of(arguments)
+    return cluster.nodes[pick_node(cluster, arguments.node)].data_dir
+
+
+def command_export(arguments: argparse.Namespace) -> int:
+    print_json(export_log(_data_dir(arguments), Path(arguments.out)))
     return 0
 
 
 def command_index_check(arguments: argparse.Namespace) -> int:
-    if arguments.data_dir:
-        data_dir = Path(arguments.data_dir)
-    else:
-        cluster = cluster_of(arguments)
-        data_dir = cluster.nodes[pick_node(cluster, arguments.node)].data_dir
-    found = check_index(data_dir)
+    found = check_index(_data_dir(arguments))
     print_json(index_check_document(found))
     return 0 if found.consistent else exit_code_failure
 

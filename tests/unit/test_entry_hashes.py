@@ -155,13 +155,19 @@ def test_a_lookup_past_an_index_more_than_its_scan_limit_behind_says_the_index_i
     assert ids(ledger, index, wanted) == [tid(99)]
 
 
-def test_an_index_ahead_of_the_state_is_dropped_and_built_again(tmp_path: Path, index: EntryHashIndex) -> None:
-    network = make_network()
+def indexed_ahead(tmp_path: Path, network, index: EntryHashIndex) -> None:
+    """Index a state two issues long, then close it: the index now stands ahead of any shorter state."""
     ahead = Ledger(tmp_path / "ahead", network)
     ahead.apply(network.sign(Issue(tid(1), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
     ahead.apply(network.sign(Issue(tid(2), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
     index.catch_up(ahead.store)
+    assert index.check(ahead.store).consistent
     ahead.store.close()
+
+
+def test_an_index_ahead_of_the_state_is_dropped_and_built_again(tmp_path: Path, index: EntryHashIndex) -> None:
+    network = make_network()
+    indexed_ahead(tmp_path, network, index)
     behind = Ledger(tmp_path / "behind", network)
     issue = network.sign(Issue(tid(3), "settlement.khr@acleda", 5, "KHR"), "nbc")
     behind.apply(issue)
@@ -283,12 +289,7 @@ def test_the_index_check_names_a_logged_pair_missing_from_the_index_and_counts_a
 
 def test_the_index_check_flags_an_index_ahead_of_the_state_or_of_another_network(tmp_path: Path, index: EntryHashIndex) -> None:
     network = make_network()
-    ahead = Ledger(tmp_path / "ahead", network)
-    ahead.apply(network.sign(Issue(tid(1), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
-    ahead.apply(network.sign(Issue(tid(2), "settlement.khr@acleda", 1000, "KHR"), "nbc"))
-    index.catch_up(ahead.store)
-    assert index.check(ahead.store).consistent
-    ahead.store.close()
+    indexed_ahead(tmp_path, network, index)
     behind = Ledger(tmp_path / "behind", network)
     behind.apply(network.sign(Issue(tid(3), "settlement.khr@acleda", 5, "KHR"), "nbc"))
     assert not index.check(behind.store).consistent
