@@ -239,9 +239,16 @@ def reconcile_append_entries(
        the log there, and every answer to the stream then says "retry from prevLogIdx". Never at or below
        our own commit index, and only for a leader of our term or a later one: a deposed leader's late
        append says nothing about what is committed (pysyncobj ignores it too).
+    3. A snapshot chunk (no prevLogIdx) proves nothing about our log, yet pysyncobj raises its commit index to
+       min(leaderCommit, our log's end) after every chunk. A deposed leader still holding entries of its own
+       term past the commit index took them as committed and applied them while a snapshot arrived, though
+       the new leader had committed other entries at those indexes (docs/faults.md finding 6). Such a message
+       keeps our commit index; an installed snapshot moves it (_LedgerSyncObj._SyncObj__onMessageReceived).
     """
     previous_index = message.get("prevLogIdx")
     term = message.get("term")
+    if previous_index is None and isinstance(message.get("commit_index"), int):
+        return AppendDecision(dict(message, commit_index=min(message["commit_index"], commit_index)), False, None)
     if previous_index is None or "transmission" in message or not isinstance(term, int) or term < current_term:
         return AppendDecision(message, False, None)
     held_term = term_at(previous_index)
@@ -253,7 +260,11 @@ def reconcile_append_entries(
     entries = list(message.get("entries", ()))
     for offset, (_command, index, _term) in enumerate(entries):
         if index != previous_index + 1 + offset:
-            return AppendDecision(message, False, None)  # not consecutive: leave the message to pysyncobj
+            # Not consecutive: left to pysyncobj, but only prevLogIdx is proven to match the leader's log.
+            capped = dict(message)
+            if isinstance(message.get("commit_index"), int):
+                capped["commit_index"] = min(message["commit_index"], max(previous_index, commit_index))
+            return AppendDecision(capped, False, None)
     matching = 0
     while matching < len(entries) and term_at(entries[matching][1]) == entries[matching][2]:
         matching += 1
@@ -312,10 +323,19 @@ class _LedgerSyncObj(SyncObj):
                                decision.cut_from_index, node)
                 SyncObj._SyncObj__deleteEntriesFrom(self, decision.cut_from_index)
             message, self._keep_log_suffix = decision.message, decision.keep_log_suffix
+        applied_before = self.raftLastApplied
         try:
             SyncObj._SyncObj__onMessageReceived(self, node, message)
         finally:
             self._keep_log_suffix = False
+        if message_type == "append_entries" and self.raftLastApplied > applied_before and (
+            self.raftCommitIndex < self.raftLastApplied
+        ):
+            # A snapshot was installed: the leader took it from committed entries, so the log it leaves (the
+            # snapshot's last two entries) is committed. The chunk kept our old commit index (see rule 3 of
+            # reconcile_append_entries); without this it would stay below the applied index until the next append.
+            self._SyncObj__raftCommitIndex = self.raftLastApplied
+            self._SyncObj__raftLog.setRaftCommitIndex(self.raftLastApplied)
 
     def _SyncObj__deleteEntriesFrom(self, fromIDx):  # noqa: N802, N803 - pysyncobj's names
         if self._keep_log_suffix:

@@ -264,6 +264,100 @@ def test_a_deposed_leader_with_uncommitted_entries_finds_where_its_log_matches_a
     _wait(lambda: len({store.summary() for store in stores}) == 1, "the old leader to catch up with the same state")
 
 
+def test_a_deposed_leader_never_applies_its_own_uncommitted_entries_while_a_snapshot_arrives(network, monkeypatch):
+    """pysyncobj raised a follower's commit index to its log's end on every snapshot chunk: a deposed leader
+    applied entries of its own term that the new leader never committed (docs/faults.md finding 6)."""
+    nodes, stores, events, sends, genesis, key = network
+    old = _leader(nodes)
+    _propose_accounts(old, genesis, key, [f"before{number}" for number in range(5)])
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "every node to apply")
+    old_store = stores[nodes.index(old)]
+    old_address = str(old._node.raft_address)
+    isolated = [True]
+    sending = SecureTransport.send
+
+    def partitioned_send(self, node, message):
+        sender = self._before_send.__self__
+        if isolated[0] and (sender is old or getattr(node, "address", None) == old_address):
+            return None
+        return sending(self, node, message)
+
+    monkeypatch.setattr(SecureTransport, "send", partitioned_send)
+    committed_before = old._syncobj.raftCommitIndex
+    applied_before = old_store.summary().applied_index
+    _propose_accounts(old, genesis, key, [f"lost{number}" for number in range(6)])
+    others = [node for node in nodes if node is not old]
+    _wait(lambda: sum(node.is_leader() for node in others) == 1, "a new leader among the others")
+    new = next(node for node in others if node.is_leader())
+    target = _propose_accounts(new, genesis, key, [f"kept{number}" for number in range(20)])
+    _wait(lambda: new._syncobj.raftCommitIndex >= target, "the new leader to commit")
+    assert old._journal.last_index > committed_before, "the old leader holds no uncommitted suffix"
+    # The first chunk of a snapshot from the new leader, delivered in the old leader's tick thread as the
+    # transport does; the rest of the snapshot never comes (the partition).
+    new_node = next(node for node in old._syncobj._SyncObj__otherNodes if node.address == str(new._node.raft_address))
+    ticks: list[object] = []
+
+    def deliver_chunk_then_count_ticks() -> None:
+        if not ticks:
+            try:
+                old._syncobj._SyncObj__onMessageReceived(new_node, {
+                    "type": "append_entries", "term": new._syncobj.raftCurrentTerm,
+                    "commit_index": new._syncobj.raftCommitIndex, "serialized": (b"first chunk", True, False),
+                })
+            except Exception as error:  # noqa: BLE001 - reported by the assertion below
+                ticks.append(error)
+        ticks.append(old._syncobj.raftCommitIndex)
+
+    old._syncobj.addOnTickCallback(deliver_chunk_then_count_ticks)
+    _wait(lambda: len(ticks) >= 20, "twenty ticks of the old leader after the chunk")
+    assert not any(isinstance(tick, Exception) for tick in ticks), ticks
+    assert max(ticks) <= committed_before, "the chunk raised the commit index over the old leader's own entries"
+    assert old_store.summary().applied_index == applied_before, "the old leader applied entries nobody committed"
+    isolated[0] = False
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "the old leader to catch up with the same state")
+
+
+def test_a_follower_behind_the_leaders_journal_installs_its_snapshot_and_counts_it_as_committed(network, monkeypatch):
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    behind = next(node for node in nodes if node is not leader)
+    behind_address = str(behind._node.raft_address)
+    # "isolated", then "snapshot only" (once the leader starts its snapshot, its appends to the follower are
+    # held back, so nothing but the snapshot moves the follower's commit index), then "open".
+    phase = ["isolated"]
+    snapshot_sent = threading.Event()
+    sending = SecureTransport.send
+
+    def partitioned_send(self, node, message):
+        sender = self._before_send.__self__
+        to_behind = getattr(node, "address", None) == behind_address
+        if phase[0] == "isolated" and (sender is behind or to_behind):
+            return None
+        if phase[0] == "snapshot only" and to_behind and isinstance(message, dict):
+            if "serialized" in message:
+                snapshot_sent.set()
+            elif snapshot_sent.is_set() and "prevLogIdx" in message:
+                return None
+        return sending(self, node, message)
+
+    monkeypatch.setattr(SecureTransport, "send", partitioned_send)
+    target = _propose_accounts(leader, genesis, key, [f"while-away{number}" for number in range(30)])
+    leader_store = stores[nodes.index(leader)]
+    _wait(lambda: leader_store.summary().applied_index >= target, "the leader to apply")
+    leader._syncobj.forceLogCompaction()
+    _wait(lambda: leader._journal.first_index > behind._journal.last_index + 1, "the leader to drop what the follower lacks")
+    seen: list[tuple[int, int]] = []
+    behind._syncobj.addOnTickCallback(lambda: seen.append((behind._syncobj.raftCommitIndex, behind._syncobj.raftLastApplied)))
+    phase[0] = "snapshot only"
+    installed = leader._journal.first_index
+    _wait(lambda: sum(applied >= installed for _commit, applied in seen) >= 5, "five ticks of the follower after the install")
+    assert all(commit >= applied for commit, applied in seen), f"the commit index lagged the applied one: {sorted(set(seen))}"
+    phase[0] = "open"
+    behind_store = stores[nodes.index(behind)]
+    _wait(lambda: behind_store.summary() == leader_store.summary(), "the follower to catch up with the leader's state")
+    assert behind._journal.first_index > 1, "the follower caught up from the journal, not from a snapshot"
+
+
 def _propose_accounts(leader: RaftNode, genesis, key, names: list[str]) -> int:
     """Propose one batch per name; returns the leader's log index of the last, once it is in the log."""
     first = leader._journal.last_index + 1

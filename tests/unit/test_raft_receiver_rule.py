@@ -75,10 +75,24 @@ def test_a_gap_past_our_log_is_left_to_pysyncobj():
     assert decision.message is message and decision.keep_log_suffix is False and decision.cut_from_index is None
 
 
-def test_non_consecutive_entries_are_left_to_pysyncobj():
+def test_non_consecutive_entries_are_left_to_pysyncobj_with_the_commit_index_capped_at_the_proven_match():
     message = _append(4, 1, [(b"\x00a", 5, 1), (b"\x00b", 7, 2)], commit_index=7)
     decision = _decide(message)
-    assert decision.message is message and decision.keep_log_suffix is False
+    assert decision.keep_log_suffix is False and decision.cut_from_index is None
+    assert decision.message["entries"] == message["entries"] and decision.message["prevLogIdx"] == 4
+    assert decision.message["commit_index"] == commit_index, "nothing past our commit index is proven"
+
+
+def test_a_snapshot_chunk_never_raises_our_commit_index():
+    # It proves nothing about our log, whose entries past the commit index may be a deposed leader's own.
+    for first, last in ((True, False), (False, False), (False, True)):
+        message = {"type": "append_entries", "term": 3, "commit_index": 10, "serialized": (b"chunk", first, last)}
+        decision = _decide(message)
+        assert decision.message["commit_index"] == commit_index
+        assert decision.message["serialized"] == message["serialized"] and message["commit_index"] == 10
+        assert decision.keep_log_suffix is False and decision.cut_from_index is None
+    behind = {"type": "append_entries", "term": 3, "commit_index": 2, "serialized": (b"chunk", True, False)}
+    assert _decide(behind).message["commit_index"] == 2
 
 
 def test_an_append_from_a_deposed_leader_changes_nothing():
