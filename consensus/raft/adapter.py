@@ -307,6 +307,11 @@ class _LedgerSyncObj(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node, message):  # noqa: N802
         message_type = message["type"]
+        if message_type == "next_node_idx" and message.get("term") != self.raftCurrentTerm:
+            # An answer to an append of another term. pysyncobj's answers carry no term (the transport adds
+            # it), so a leader counted an answer sent to it in an earlier term, for entries its log may since
+            # have replaced, toward committing entries of its current term; Raft drops replies of other terms.
+            return
         if message_type == "request_vote" and self._owner._journal.recovery_floor_index:
             # A node that lost acknowledged log entries must not help elect a leader that lacks them.
             return

@@ -358,6 +358,7 @@ class SecureTransport(Transport):
         self._identity = _check_identity(self_name, selfNode, signing_key, peers)
         self._conf = syncObj.conf
         self._poller = syncObj._poller
+        self._current_term = lambda: syncObj.raftCurrentTerm
         self._cluster_id = cluster_id
         self._signing_key = signing_key
         self._peers = dict(peers)
@@ -424,6 +425,11 @@ class SecureTransport(Transport):
         connection = self._authenticated.get(name) if name is not None else None
         if connection is None or connection.cipher is None:
             return False
+        if isinstance(message, dict) and message.get("type") == "next_node_idx" and "term" not in message:
+            # pysyncobj answers an append without saying for which term; it answers in the tick that handled
+            # the append, whose term it has just taken, so the current term is the append's. The leader's
+            # adapter drops answers of other terms (_LedgerSyncObj._SyncObj__onMessageReceived).
+            message = {**message, "term": self._current_term()}
         try:
             payloads = encode_message_parts(
                 message, peer_frame_bytes_max - _authentication_tag_bytes

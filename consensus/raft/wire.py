@@ -37,7 +37,7 @@ _append_entries_keys: Final = frozenset(
     {"type", "term", "commit_index", "prevLogIdx", "prevLogTerm", "entries"}
 )
 _install_snapshot_keys: Final = frozenset({"type", "term", "commit_index", "serialized"})
-_next_node_index_keys: Final = frozenset({"type", "next_node_idx", "reset", "success"})
+_next_node_index_keys: Final = frozenset({"type", "term", "next_node_idx", "reset", "success"})
 _request_vote_keys: Final = frozenset({"type", "term", "last_log_index", "last_log_term"})
 _term_only_keys: Final = frozenset({"type", "term"})
 
@@ -103,9 +103,10 @@ def decode_message(payload: bytes) -> dict[str, object]:
     elif code == code_install_snapshot:
         message = _decode_install_snapshot(reader, length)
     elif code == code_next_node_index:
-        _require_length(length, 4, code)
+        _require_length(length, 5, code)
         message = {
             "type": "next_node_idx",
+            "term": reader.integer("term"),
             "next_node_idx": reader.integer("next_node_idx"),
             "reset": reader.boolean("reset"),
             "success": reader.boolean("success"),
@@ -165,6 +166,7 @@ def _message_fields(message: object, entries_max: int | None = wire_entries_max)
     if message_type == "next_node_idx" and keys == _next_node_index_keys:
         return [
             code_next_node_index,
+            _integer(message["term"], "term"),
             _integer(message["next_node_idx"], "next_node_idx"),
             _boolean(message["reset"], "reset"),
             _boolean(message["success"], "success"),

@@ -358,6 +358,39 @@ def test_a_follower_behind_the_leaders_journal_installs_its_snapshot_and_counts_
     assert behind._journal.first_index > 1, "the follower caught up from the journal, not from a snapshot"
 
 
+def test_a_leader_counts_only_answers_to_appends_of_its_own_term(network):
+    """pysyncobj's answers carry no term: one sent to this node as leader of an earlier term, for entries its
+    log may since have replaced, would count toward committing entries of its current term."""
+    nodes, stores, events, sends, genesis, key = network
+    leader = _leader(nodes)
+    _propose_accounts(leader, genesis, key, ["first"])
+    syncobj = leader._syncobj
+    follower = next(node for node in syncobj._SyncObj__otherNodes)
+    outcomes: list[object] = []
+
+    def deliver_answers() -> None:
+        if outcomes:
+            return
+        try:
+            term, beyond = syncobj.raftCurrentTerm, leader._journal.last_index + 50
+            answer = {"type": "next_node_idx", "next_node_idx": beyond + 1, "reset": False, "success": True}
+            syncobj._SyncObj__onMessageReceived(follower, dict(answer, term=term - 1))
+            outcomes.append(syncobj._SyncObj__raftMatchIndex[follower] < beyond)
+            syncobj._SyncObj__onMessageReceived(follower, dict(answer, term=term))
+            outcomes.append(syncobj._SyncObj__raftMatchIndex[follower] == beyond)
+            # Undo the test's own answer, which claimed entries the leader does not have yet.
+            syncobj._SyncObj__raftMatchIndex[follower] = leader._journal.last_index
+            syncobj._SyncObj__raftNextIndex[follower] = leader._journal.last_index + 1
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            outcomes.append(error)
+
+    syncobj.addOnTickCallback(deliver_answers)
+    _wait(lambda: outcomes, "the answers to be delivered")
+    assert outcomes == [True, True], "an answer of an earlier term was counted, or one of this term was not"
+    _propose_accounts(leader, genesis, key, ["after"])
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+
+
 def _propose_accounts(leader: RaftNode, genesis, key, names: list[str]) -> int:
     """Propose one batch per name; returns the leader's log index of the last, once it is in the log."""
     first = leader._journal.last_index + 1

@@ -46,7 +46,7 @@ cluster_id = "tonle-test-1"
 wait_seconds = 10.0
 socket_timeout_seconds = 5.0
 validator_names = ("v1", "v2", "v3")
-acknowledgement = {"type": "next_node_idx", "next_node_idx": 2, "reset": False, "success": False}
+acknowledgement = {"type": "next_node_idx", "term": 9, "next_node_idx": 2, "reset": False, "success": False}
 # v4 hosts a lone validator, v5 a fake responder written in this file; aba-1 runs as a read-only
 # replica of the cluster, aba-2 and aba-3 are identities the tests use to attack or to dial.
 node_names = ("v1", "v2", "v3", "v4", "v5", "aba-1", "aba-2", "aba-3")
@@ -979,7 +979,7 @@ def test_read_only_node_accepts_only_entries_from_a_validator(
         session.send_message(acknowledgement)
         session.send_message(heartbeat(term=9))
 
-        assert session.receive_message() == [3, 2, False, True]  # next_node_idx 2, success
+        assert session.receive_message() == [3, 9, 2, False, True]  # next_node_idx 2, success, term 9
         for message_type in ("request_vote", "next_node_idx"):
             dropped = ("message_dropped", "v5", message_type, "not_permitted")
             dialling_replica.observer.wait_for(dropped)

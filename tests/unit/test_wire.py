@@ -57,7 +57,7 @@ every_message = [
     {"type": "append_entries", "term": 3, "commit_index": 9, "serialized": None},
     {"type": "append_entries", "term": 3, "commit_index": 9, "serialized": (b"chunk", True, False)},
     {"type": "append_entries", "term": 3, "commit_index": 9, "serialized": (b"", False, True)},
-    {"type": "next_node_idx", "next_node_idx": 44, "reset": False, "success": True},
+    {"type": "next_node_idx", "term": 8, "next_node_idx": 44, "reset": False, "success": True},
     {"type": "request_vote", "term": 8, "last_log_index": 43, "last_log_term": 7},
     {"type": "response_vote", "term": 8},
     {"type": "timeout_now", "term": 8},
@@ -113,7 +113,7 @@ def test_any_valid_append_entries_round_trips(
     "payload",
     [
         pack([5, True]),
-        pack([3, 10, 1, True]),
+        pack([3, 1, 10, 1, True]),
         pack([1, 1, 1, 1, 1, [[b"x", True, 1]]]),
     ],
     ids=["term", "reset", "entry-index"],
@@ -140,7 +140,7 @@ def test_float_is_refused(payload: bytes) -> None:
         decode_message(payload)
 
 
-@pytest.mark.parametrize("payload", [pack([5, 1, 2]), pack([3, 1, False, True, 0])])
+@pytest.mark.parametrize("payload", [pack([5, 1, 2]), pack([3, 1, 1, False, True, 0])])
 def test_extra_field_is_refused(payload: bytes) -> None:
     with pytest.raises(WireError, match="must have"):
         decode_message(payload)
@@ -260,7 +260,7 @@ def test_anything_but_one_exact_message_is_refused(payload: bytes) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [pack([5, -1]), pack([1, 1, 1, 0, 0, [[b"x", -5, 1]]]), pack([3, -2, False, True])],
+    [pack([5, -1]), pack([1, 1, 1, 0, 0, [[b"x", -5, 1]]]), pack([3, 1, -2, False, True])],
     ids=["term", "entry-index", "next-node-index"],
 )
 def test_negative_integer_is_refused(payload: bytes) -> None:
