@@ -198,7 +198,7 @@ def test_an_unknown_key_a_borrowed_name_and_a_replayed_frame_are_refused_logged_
 
     connection, cipher = handshake(network, "v1", "aba-1", node_key(network, "aba-1"))
     with connection:
-        frame = sealed(cipher, encode_message({"type": "next_node_idx", "next_node_idx": 2, "reset": False, "success": False}))
+        frame = sealed(cipher, encode_message({"type": "next_node_idx", "term": 1, "next_node_idx": 2, "reset": False, "success": False}))
         connection.sendall(frame)
         connection.sendall(frame)  # the same bytes again: a replay
         assert closed_by_peer(connection)
