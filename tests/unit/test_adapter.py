@@ -220,6 +220,23 @@ def test_a_resend_after_the_leader_rewinds_next_index_never_cuts_a_followers_log
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
 
 
+def _isolate(monkeypatch, isolated_node: RaftNode) -> list[bool]:
+    """Cut `isolated_node` off both ways (what iptables does in tests/faults) until the test sets the returned
+    flag to False."""
+    isolated = [True]
+    address = str(isolated_node._node.raft_address)
+    sending = SecureTransport.send
+
+    def partitioned_send(self, node, message):
+        sender = self._before_send.__self__
+        if isolated[0] and (sender is isolated_node or getattr(node, "address", None) == address):
+            return None
+        return sending(self, node, message)
+
+    monkeypatch.setattr(SecureTransport, "send", partitioned_send)
+    return isolated
+
+
 def test_a_deposed_leader_with_uncommitted_entries_finds_where_its_log_matches_and_catches_up(network, monkeypatch):
     nodes, stores, events, sends, genesis, key = network
     old = _leader(nodes)
@@ -236,19 +253,9 @@ def test_a_deposed_leader_with_uncommitted_entries_finds_where_its_log_matches_a
 
     propose_on(old, 5, 1)
     _wait(lambda: len({store.summary().applied_index for store in stores}) == 1, "every node to apply")
-    # A partition around the leader, both ways (what iptables does in tests/faults): it keeps appending
-    # proposals it can no longer commit, while the others elect a new leader and move on.
-    old_address = str(old._node.raft_address)
-    isolated: list[bool] = [True]
-    sending = SecureTransport.send
-
-    def partitioned_send(self, node, message):
-        sender = self._before_send.__self__
-        if isolated[0] and (sender is old or getattr(node, "address", None) == old_address):
-            return None
-        return sending(self, node, message)
-
-    monkeypatch.setattr(SecureTransport, "send", partitioned_send)
+    # A partition around the leader: it keeps appending proposals it can no longer commit, while the others
+    # elect a new leader and move on.
+    isolated = _isolate(monkeypatch, old)
     propose_on(old, 6, 1)
     others = [node for node in nodes if node is not old]
     _wait(lambda: sum(node.is_leader() for node in others) == 1, "a new leader among the others")
@@ -272,17 +279,7 @@ def test_a_deposed_leader_never_applies_its_own_uncommitted_entries_while_a_snap
     _propose_accounts(old, genesis, key, [f"before{number}" for number in range(5)])
     _wait(lambda: len({store.summary() for store in stores}) == 1, "every node to apply")
     old_store = stores[nodes.index(old)]
-    old_address = str(old._node.raft_address)
-    isolated = [True]
-    sending = SecureTransport.send
-
-    def partitioned_send(self, node, message):
-        sender = self._before_send.__self__
-        if isolated[0] and (sender is old or getattr(node, "address", None) == old_address):
-            return None
-        return sending(self, node, message)
-
-    monkeypatch.setattr(SecureTransport, "send", partitioned_send)
+    isolated = _isolate(monkeypatch, old)
     committed_before = old._syncobj.raftCommitIndex
     applied_before = old_store.summary().applied_index
     _propose_accounts(old, genesis, key, [f"lost{number}" for number in range(6)])
