@@ -276,12 +276,12 @@ def test_a_deposed_leader_never_applies_its_own_uncommitted_entries_while_a_snap
     applied entries of its own term that the new leader never committed (docs/faults.md finding 6)."""
     nodes, stores, events, sends, genesis, key = network
     old = _leader(nodes)
-    _propose_accounts(old, genesis, key, [f"before{number}" for number in range(5)])
-    _wait(lambda: len({store.summary() for store in stores}) == 1, "every node to apply")
+    before = _propose_accounts(old, genesis, key, [f"before{number}" for number in range(5)])
+    _wait(lambda: all(store.summary().applied_index >= before for store in stores), "every node to apply")
     old_store = stores[nodes.index(old)]
     isolated = _isolate(monkeypatch, old)
     committed_before = old._syncobj.raftCommitIndex
-    applied_before = old_store.summary().applied_index
+    assert committed_before >= before
     _propose_accounts(old, genesis, key, [f"lost{number}" for number in range(6)])
     others = [node for node in nodes if node is not old]
     _wait(lambda: sum(node.is_leader() for node in others) == 1, "a new leader among the others")
@@ -309,7 +309,7 @@ def test_a_deposed_leader_never_applies_its_own_uncommitted_entries_while_a_snap
     _wait(lambda: len(ticks) >= 20, "twenty ticks of the old leader after the chunk")
     assert not any(isinstance(tick, Exception) for tick in ticks), ticks
     assert max(ticks) <= committed_before, "the chunk raised the commit index over the old leader's own entries"
-    assert old_store.summary().applied_index == applied_before, "the old leader applied entries nobody committed"
+    assert old_store.summary().applied_index <= committed_before, "the old leader applied entries nobody committed"
     isolated[0] = False
     _wait(lambda: len({store.summary() for store in stores}) == 1, "the old leader to catch up with the same state")
 
@@ -440,8 +440,10 @@ def test_batches_waiting_for_a_held_apply_are_applied_together_in_one_transactio
     _wait(lambda: follower_store.summary().applied_index >= target, "the follower to apply")
     applied = follower_events.applied_indexes
     assert applied == sorted(set(applied)), "a batch was applied twice or out of order"
-    grouped = follower_events.transaction_batches[transactions_before:]
-    assert max(grouped) >= 5, f"batches per transaction after the hold: {grouped}"
+    # The held transaction keeps the batches it had taken (how many depends on the ticks that handed them
+    # over); every batch that waited behind it goes into the one transaction after it.
+    grouped = [count for count in follower_events.transaction_batches[transactions_before:] if count]
+    assert sum(grouped) == 6 and len(grouped) <= 2, f"batches per transaction after the hold: {grouped}"
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
 
 
