@@ -289,6 +289,7 @@ class _LedgerSyncObj(SyncObj):
     def __init__(self, owner: RaftNode, self_address, other_addresses, conf, transport_class) -> None:
         self._owner = owner
         self._keep_log_suffix = False
+        self._snapshot_answer_index: int | None = None  # what to answer for a snapshot installed beside our log
         super().__init__(self_address, other_addresses, conf, transportClass=transport_class)
 
     # Apply: exactly once per index, never raising into pysyncobj (an exception there retries forever and
@@ -333,6 +334,7 @@ class _LedgerSyncObj(SyncObj):
             SyncObj._SyncObj__onMessageReceived(self, node, message)
         finally:
             self._keep_log_suffix = False
+            self._snapshot_answer_index = None
         if message_type == "append_entries" and self.raftLastApplied > applied_before and (
             self.raftCommitIndex < self.raftLastApplied
         ):
@@ -341,6 +343,26 @@ class _LedgerSyncObj(SyncObj):
             # reconcile_append_entries); without this it would stay below the applied index until the next append.
             self._SyncObj__raftCommitIndex = self.raftLastApplied
             self._SyncObj__raftLog.setRaftCommitIndex(self.raftLastApplied)
+
+    # Raft's InstallSnapshot rule, which pysyncobj does not follow: when our log holds the snapshot's last entry
+    # with its term, the entries after it are kept. pysyncobj cleared the whole log, so a follower already
+    # past the snapshot (sent one because a stale answer rewound the leader's next index below its log's
+    # start) dropped entries it had acknowledged, maybe counted toward a commit, until the leader sent them
+    # again: a crash or a vote in that window could lose committed entries (finding 5's class).
+    def _SyncObj__loadDumpFile(self, clearJournal):  # noqa: N802, N803 - pysyncobj's names
+        if clearJournal:
+            kept_after = self._owner._keep_log_after_received_snapshot()
+            if kept_after is not None:
+                clearJournal = False
+                # Answer "next index after the snapshot", not after our log: the suffix is only known to match
+                # the leader's up to the snapshot, and the leader counts what the answer claims.
+                self._snapshot_answer_index = kept_after + 1
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):  # noqa: N802, N803
+        if nextNodeIdx is None and self._snapshot_answer_index is not None:
+            nextNodeIdx, self._snapshot_answer_index = self._snapshot_answer_index, None
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
 
     def _SyncObj__deleteEntriesFrom(self, fromIDx):  # noqa: N802, N803 - pysyncobj's names
         if self._keep_log_suffix:
@@ -646,6 +668,27 @@ class RaftNode:
             logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
         voters = {TCPNode(address) for address in header.voters}
         return (header.last_entry, header.previous_entry, voters)
+
+    def _keep_log_after_received_snapshot(self) -> int | None:
+        """For a snapshot just received: when the journal holds its last two entries (same index, term and
+        bytes) and more after them, drop only what precedes them and return the snapshot's last index, so
+        pysyncobj keeps the rest; None when the whole journal is to be replaced."""
+        try:
+            header, _offset, _length = self._read_snapshot_header(self._snapshot_path)
+        except SnapshotError:
+            return None  # _deserialize reports it
+        previous, last = tuple(header.previous_entry), tuple(header.last_entry)
+        journal = self._journal
+        previous_position = previous[1] - journal.first_index
+        if journal.last_index <= last[1] or previous_position < 0:
+            return None
+        if tuple(journal[previous_position]) != previous or tuple(journal[previous_position + 1]) != last:
+            return None
+        kept = journal.last_index - last[1]
+        journal.deleteEntriesTo(previous_position)
+        logger.warning("snapshot at index %d received; the journal holds it and keeps the %d entries after it",
+                       last[1], kept)
+        return last[1]
 
     def _read_snapshot_header(self, path: Path) -> tuple[SnapshotHeader, int, int]:
         """read_header, once per file: the same path, inode, size and modification time is not read again (a
