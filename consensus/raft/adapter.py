@@ -130,9 +130,10 @@ class _BackgroundSnapshots(Serializer):
     """
 
     def __init__(self, write: Callable[[str, tuple], None], file_name: str, transmission_batch_bytes: int,
-                 deserializer: Callable) -> None:
+                 deserializer: Callable, turn_down: Callable[[Path], bool]) -> None:
         super().__init__(file_name, transmission_batch_bytes, False, write, deserializer, None)
         self._write = write
+        self._turn_down = turn_down
         self._file_name = file_name
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
@@ -176,7 +177,24 @@ class _BackgroundSnapshots(Serializer):
 
     def setTransmissionData(self, data):  # noqa: N802 - pysyncobj's name
         self.wait_for_write(None)
-        return super().setTransmissionData(data)
+        if data is None or not data[2]:
+            return super().setTransmissionData(data)
+        # The last chunk. pysyncobj writes it and renames the received file over our own snapshot in one step;
+        # here the complete file is judged first, so one older than ours never replaces it (RaftNode's
+        # _turns_down_received_snapshot). Turned down, it is dropped and pysyncobj neither loads nor answers it.
+        chunk, is_first, _is_last = data
+        super().setTransmissionData((chunk, is_first, False))
+        incoming = self._Serializer__incomingTransmissionFile  # pysyncobj's open file; None if writing failed
+        if incoming is None:
+            return False
+        incoming.flush()
+        received = Path(self._file_name + ".1.tmp")  # pysyncobj's name for it
+        if self._turn_down(received):
+            incoming.close()
+            self._Serializer__incomingTransmissionFile = None
+            received.unlink(missing_ok=True)
+            return False
+        return super().setTransmissionData((b"", False, True))
 
     def wait_for_write(self, timeout_seconds: float | None) -> bool:
         """Wait for a snapshot being written; False if it is still being written after `timeout_seconds`."""
@@ -194,7 +212,9 @@ _original_serializer = pysyncobj.syncobj.Serializer
 def _create_serializer(file_name, transmission_batch_bytes, use_fork, serializer, deserializer, serialize_checker):
     owner = getattr(serializer, "__self__", None)
     if isinstance(owner, RaftNode):
-        owner._snapshots = _BackgroundSnapshots(serializer, file_name, transmission_batch_bytes, deserializer)
+        owner._snapshots = _BackgroundSnapshots(
+            serializer, file_name, transmission_batch_bytes, deserializer, owner._turns_down_received_snapshot
+        )
         return owner._snapshots
     return _original_serializer(
         file_name, transmission_batch_bytes, use_fork, serializer, deserializer, serialize_checker
@@ -668,6 +688,26 @@ class RaftNode:
             logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
         voters = {TCPNode(address) for address in header.voters}
         return (header.last_entry, header.previous_entry, voters)
+
+    def _turns_down_received_snapshot(self, path: Path) -> bool:
+        """True for a received snapshot older than our own: our journal starts past its previous entry, so it
+        no longer holds the entries the snapshot ends with. pysyncobj would put the older file in place of ours
+        and replace the journal with its two entries, dropping entries we acknowledged (maybe counted toward a
+        commit) until the leader sent them again. Turned down, the leader's next append finds where our logs
+        match (pysyncobj answers "retry from the end of your log" to an append our journal cannot place).
+        Our journal's first two entries are our own snapshot's, which the state covers."""
+        try:
+            header, _offset, _length = self._read_snapshot_header(path)
+        except SnapshotError:
+            return False  # _deserialize reports it
+        journal = self._journal
+        if len(journal) < 2 or header.previous_entry[1] >= journal.first_index:
+            return False
+        logger.warning(
+            "a snapshot at index %d was sent to us, older than ours at index %d; kept ours and the journal "
+            "(indexes %d to %d)", header.last_entry[1], journal[1][1], journal.first_index, journal.last_index,
+        )
+        return True
 
     def _keep_log_after_received_snapshot(self) -> int | None:
         """For a snapshot just received: when the journal holds its last two entries (same index, term and

@@ -432,6 +432,75 @@ def test_a_follower_past_the_leaders_snapshot_keeps_the_entries_after_it_when_it
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
 
 
+def test_a_follower_whose_own_snapshot_is_newer_than_the_leaders_keeps_its_snapshot_and_journal(
+    network, node_keys, monkeypatch, tmp_path, caplog
+):
+    """The same rewind, but the follower has compacted past the leader's snapshot: its journal no longer holds
+    the snapshot's last entry. pysyncobj installed the older snapshot over the follower's own and replaced its
+    journal with the older one's two entries, dropping entries it had acknowledged; the follower turns it down
+    and the leader finds where their logs match by the usual appends."""
+    nodes, stores, events, sends, genesis, key = network
+    caplog.set_level(logging.INFO, logger="tonle.raft")
+    leader = _leader(nodes)
+    early = _propose_accounts(leader, genesis, key, [f"early{number}" for number in range(10)])
+    _wait(lambda: all(store.summary().applied_index >= early for store in stores), "every node to apply")
+    leader._syncobj.forceLogCompaction()
+    _wait(lambda: leader._journal.first_index > 1, "the leader to compact its journal")
+    leaders_snapshot_index = read_header(leader._snapshot_path)[0].last_entry[1]
+    middle = _propose_accounts(leader, genesis, key, [f"middle{number}" for number in range(10)])
+    follower = next(node for node in nodes if node is not leader)
+    number = nodes.index(follower)
+    _wait(lambda: stores[number].summary().applied_index >= middle, "the follower to apply")
+    follower._syncobj.forceLogCompaction()
+    _wait(lambda: follower._journal.first_index > leaders_snapshot_index, "the follower to compact past the leader")
+    own_snapshot_index = read_header(follower._snapshot_path)[0].last_entry[1]
+    late = _propose_accounts(leader, genesis, key, [f"late{number}" for number in range(10)])
+    _wait(lambda: follower._journal.last_index >= late, "the follower to hold the later entries")
+    first, held = follower._journal.first_index, follower._journal.last_index
+    cuts: list[int] = []
+    original_truncate = journal_module.DurableJournal._truncate_after
+
+    def recording_truncate(self, position):
+        if self is follower._journal:
+            cuts.append(position)
+        return original_truncate(self, position)
+
+    monkeypatch.setattr(journal_module.DurableJournal, "_truncate_after", recording_truncate)
+    follower_node = next(
+        node for node in leader._syncobj._SyncObj__otherNodes if node.address == str(follower._node.raft_address)
+    )
+    rewound: list[bool] = []
+
+    def rewind_once() -> None:  # what a stale "retry from" answer does, in the leader's tick thread
+        if not rewound:
+            leader._syncobj._SyncObj__raftNextIndex[follower_node] = 1
+            rewound.append(True)
+
+    leader._syncobj.addOnTickCallback(rewind_once)
+    _wait(lambda: "older than ours" in caplog.text or f"ignoring snapshot at index {leaders_snapshot_index}" in caplog.text,
+          "the follower to be sent the leader's snapshot")
+    assert cuts == [], "the follower cut its log on an older snapshot"
+    assert (follower._journal.first_index, follower._journal.last_index) >= (first, held), (
+        "the follower dropped entries it had acknowledged"
+    )
+    assert read_header(follower._snapshot_path)[0].last_entry[1] == own_snapshot_index, (
+        "the follower's own snapshot was replaced by an older one"
+    )
+    last = _propose_accounts(leader, genesis, key, ["after"])
+    _wait(lambda: all(store.summary().applied_index >= last for store in stores), "every node to apply")
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+    # Its snapshot and journal still fit together: restarted, it goes on from them.
+    follower.destroy()
+    restarted = RaftNode(genesis=genesis, node=follower._node, node_key=node_keys[number],
+                         data_dir=tmp_path / follower._node.name, raft_config=raft, store=stores[number],
+                         verify=signature_is_valid, events=events[number])
+    nodes[number] = restarted  # the fixture destroys it
+    assert restarted._journal.first_index == follower._journal.first_index
+    last = _propose_accounts(_leader(nodes), genesis, key, ["after-restart"])
+    _wait(lambda: all(store.summary().applied_index >= last for store in stores), "every node to apply")
+    _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
+
+
 def _propose_accounts(leader: RaftNode, genesis, key, names: list[str]) -> int:
     """Propose one batch per name; returns the leader's log index of the last, once it is in the log."""
     first = leader._journal.last_index + 1
