@@ -1178,7 +1178,8 @@ class Nemesis:
             self._cluster.start([target])
         text = self._cluster.log_since(target, offset)
         # A write that finds no free block fails with ENOSPC; a multi-page write that gets only part of its
-        # blocks is short, and LMDB reports a short write as EIO. Either way the full disk stopped the write.
+        # blocks is short, and LMDB reports a short write as EIO. Either way the full disk stopped the write,
+        # and the node names it: for LMDB's EIO it adds that the file system is full (full_disk_hint).
         seen["enospc_logged"] = "No space left on device" in text
         seen["line"] = _first_line_with(text, "No space left on device", "Input/output error")
         return self._record(plan, [target], started, seen["line"] is not None, seen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -52,6 +53,47 @@ socket_buffer_bytes = 2**20
 raft_commands_queue_max = 1024
 # A clean stop applies what is already queued for the apply thread (at most apply_queue_entries_max batches).
 apply_stop_seconds_max = 30.0
+
+
+# With the disk full, pysyncobj logs a traceback for every tick whose journal append fails and for every
+# snapshot it is sent and cannot write: hundreds in a few seconds. One line per interval says the same.
+disk_full_log_interval_seconds = 10.0
+
+
+class _DiskFullLogs(logging.Filter):
+    """Folds pysyncobj's "No space left on device" tracebacks into one ERROR line per interval, with a count.
+
+    Only what is logged changes: the failed write is handled as before (the journal cuts any partial record,
+    nothing is acknowledged, the leader sends again)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._folded = 0
+        self._last_line: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, OSError) or error.errno != errno.ENOSPC:
+            return True
+        with self._lock:
+            self._folded += 1
+            now = self._clock()
+            if self._last_line is not None and now - self._last_line < disk_full_log_interval_seconds:
+                return False
+            folded, self._folded, self._last_line = self._folded, 0, now
+        what = "writing a snapshot sent by the leader" if record.name == "pysyncobj.serializer" else "writing the Raft journal"
+        record.msg = ("%s failed: %s; what needed the write is not acknowledged, and is tried again as the leader "
+                      "sends again; %d such failure(s) since the last line (at most one line every %g s)")
+        record.args = (what, error, folded, disk_full_log_interval_seconds)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+for _name in ("pysyncobj.syncobj", "pysyncobj.serializer"):
+    logging.getLogger(_name).addFilter(_DiskFullLogs())
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,8 +684,9 @@ class RaftNode:
                         batches.append(applied)
             self._events.applied(batches, monotonic_time() - started)
         except BaseException as error:  # noqa: BLE001 - any failure here must stop the node, not wedge it
-            logger.critical("apply of index %d failed; stopping: %r", index, error, exc_info=True)
-            self._events.fatal(f"apply of raft index {index} failed: {error!r}")
+            hint = full_disk_hint(self._store.path, error)
+            logger.critical("apply of index %d failed; stopping: %r%s", index, error, hint, exc_info=True)
+            self._events.fatal(f"apply of raft index {index} failed: {error!r}{hint}")
             raise
 
     # Snapshots ------------------------------------------------------------------------------------------
@@ -763,6 +806,26 @@ class RaftNode:
             f"snapshot file {self._snapshot_path} is damaged ({problem}) and the state does not cover the log "
             "start; restore this node's data directory from a healthy peer"
         )
+
+
+# Below this much free space, an I/O error from LMDB is most likely a write cut short by a full disk.
+full_disk_free_bytes_max = 1 << 20
+
+
+def full_disk_hint(path: Path, error: BaseException) -> str:
+    """For an I/O error on a file system that is (nearly) full, what to tell the operator: LMDB reports a write
+    the full disk cut short as EIO, which reads like failing hardware. Empty for any other error."""
+    if not ("Input/output error" in str(error) or (isinstance(error, OSError) and error.errno == errno.EIO)):
+        return ""
+    try:
+        status = os.statvfs(path)
+    except OSError:
+        return ""
+    free_bytes = status.f_bavail * status.f_frsize
+    if free_bytes >= full_disk_free_bytes_max:
+        return ""
+    return (f"; the file system holding {path} has {free_bytes} bytes free: most likely a write cut short by a "
+            "full disk (No space left on device), which LMDB reports as an I/O error; free space, then restart")
 
 
 def _fail_reason_name(code) -> str:

@@ -53,7 +53,7 @@ def test_a_full_disk_stops_the_node_with_enospc_and_it_catches_up_once_space_ret
     document = chaos(("disk-full",), seed=8404, duration_seconds=35)
     assert_sound(document)
     full = faults_of(document)
-    assert any(fault["evidence"]["enospc_logged"] for fault in full), "no write on the full disk returned ENOSPC"
+    assert any(fault["evidence"]["enospc_logged"] for fault in full), "the node's log never named the full disk"
     for fault in full:
         evidence = fault["evidence"]
         assert evidence["ballast_bytes"] > 0 and evidence["line"] is not None
