@@ -388,22 +388,20 @@ def test_a_leader_counts_only_answers_to_appends_of_its_own_term(network):
     _wait(lambda: len({store.summary() for store in stores}) == 1, "identical state on every node")
 
 
-def test_a_follower_past_the_leaders_snapshot_keeps_the_entries_after_it_when_it_is_sent_one(network, monkeypatch):
-    """A stale answer can rewind the leader's next index for a follower below the start of its log (research
-    B6); the leader then sends its snapshot to a follower already past it. pysyncobj cleared the follower's
-    whole log, entries it had acknowledged included; Raft keeps the entries after the snapshot's last one."""
-    nodes, stores, events, sends, genesis, key = network
+def _leader_with_a_snapshot(nodes, stores, genesis, key) -> tuple[RaftNode, int]:
+    """Ten entries applied everywhere, then the leader compacts; the leader and its snapshot's last index."""
     leader = _leader(nodes)
     early = _propose_accounts(leader, genesis, key, [f"early{number}" for number in range(10)])
     _wait(lambda: all(store.summary().applied_index >= early for store in stores), "every node to apply")
     leader._syncobj.forceLogCompaction()
     _wait(lambda: leader._journal.first_index > 1, "the leader to compact its journal")
-    snapshot_index = read_header(leader._snapshot_path)[0].last_entry[1]
-    late = _propose_accounts(leader, genesis, key, [f"late{number}" for number in range(10)])
-    follower = next(node for node in nodes if node is not leader)
-    _wait(lambda: follower._journal.last_index >= late, "the follower to hold the later entries")
-    held = follower._journal.last_index
-    assert held > snapshot_index + 1
+    return leader, read_header(leader._snapshot_path)[0].last_entry[1]
+
+
+def _rewind_to_the_start_and_record_cuts(monkeypatch, leader: RaftNode, follower: RaftNode) -> list[int]:
+    """Rewind the leader's next index for `follower` to 1 once, in the leader's tick thread (what a stale
+    "retry from" answer does), so the leader sends its snapshot; returns the positions the follower's journal
+    is cut at from now on."""
     cuts: list[int] = []
     original_truncate = journal_module.DurableJournal._truncate_after
 
@@ -418,12 +416,27 @@ def test_a_follower_past_the_leaders_snapshot_keeps_the_entries_after_it_when_it
     )
     rewound: list[bool] = []
 
-    def rewind_once() -> None:  # what a stale "retry from" answer does, in the leader's tick thread
+    def rewind_once() -> None:
         if not rewound:
             leader._syncobj._SyncObj__raftNextIndex[follower_node] = 1
             rewound.append(True)
 
     leader._syncobj.addOnTickCallback(rewind_once)
+    return cuts
+
+
+def test_a_follower_past_the_leaders_snapshot_keeps_the_entries_after_it_when_it_is_sent_one(network, monkeypatch):
+    """A stale answer can rewind the leader's next index for a follower below the start of its log (research
+    B6); the leader then sends its snapshot to a follower already past it. pysyncobj cleared the follower's
+    whole log, entries it had acknowledged included; Raft keeps the entries after the snapshot's last one."""
+    nodes, stores, events, sends, genesis, key = network
+    leader, snapshot_index = _leader_with_a_snapshot(nodes, stores, genesis, key)
+    late = _propose_accounts(leader, genesis, key, [f"late{number}" for number in range(10)])
+    follower = next(node for node in nodes if node is not leader)
+    _wait(lambda: follower._journal.last_index >= late, "the follower to hold the later entries")
+    held = follower._journal.last_index
+    assert held > snapshot_index + 1
+    cuts = _rewind_to_the_start_and_record_cuts(monkeypatch, leader, follower)
     _wait(lambda: follower._journal.first_index == snapshot_index - 1, "the follower to take the leader's snapshot")
     assert cuts == [], "the follower cut its log on a snapshot it already held"
     assert follower._journal.last_index >= held, "the follower dropped entries it had acknowledged"
@@ -441,12 +454,7 @@ def test_a_follower_whose_own_snapshot_is_newer_than_the_leaders_keeps_its_snaps
     and the leader finds where their logs match by the usual appends."""
     nodes, stores, events, sends, genesis, key = network
     caplog.set_level(logging.INFO, logger="tonle.raft")
-    leader = _leader(nodes)
-    early = _propose_accounts(leader, genesis, key, [f"early{number}" for number in range(10)])
-    _wait(lambda: all(store.summary().applied_index >= early for store in stores), "every node to apply")
-    leader._syncobj.forceLogCompaction()
-    _wait(lambda: leader._journal.first_index > 1, "the leader to compact its journal")
-    leaders_snapshot_index = read_header(leader._snapshot_path)[0].last_entry[1]
+    leader, leaders_snapshot_index = _leader_with_a_snapshot(nodes, stores, genesis, key)
     middle = _propose_accounts(leader, genesis, key, [f"middle{number}" for number in range(10)])
     follower = next(node for node in nodes if node is not leader)
     number = nodes.index(follower)
@@ -457,26 +465,7 @@ def test_a_follower_whose_own_snapshot_is_newer_than_the_leaders_keeps_its_snaps
     late = _propose_accounts(leader, genesis, key, [f"late{number}" for number in range(10)])
     _wait(lambda: follower._journal.last_index >= late, "the follower to hold the later entries")
     first, held = follower._journal.first_index, follower._journal.last_index
-    cuts: list[int] = []
-    original_truncate = journal_module.DurableJournal._truncate_after
-
-    def recording_truncate(self, position):
-        if self is follower._journal:
-            cuts.append(position)
-        return original_truncate(self, position)
-
-    monkeypatch.setattr(journal_module.DurableJournal, "_truncate_after", recording_truncate)
-    follower_node = next(
-        node for node in leader._syncobj._SyncObj__otherNodes if node.address == str(follower._node.raft_address)
-    )
-    rewound: list[bool] = []
-
-    def rewind_once() -> None:  # what a stale "retry from" answer does, in the leader's tick thread
-        if not rewound:
-            leader._syncobj._SyncObj__raftNextIndex[follower_node] = 1
-            rewound.append(True)
-
-    leader._syncobj.addOnTickCallback(rewind_once)
+    cuts = _rewind_to_the_start_and_record_cuts(monkeypatch, leader, follower)
     _wait(lambda: "older than ours" in caplog.text or f"ignoring snapshot at index {leaders_snapshot_index}" in caplog.text,
           "the follower to be sent the leader's snapshot")
     assert cuts == [], "the follower cut its log on an older snapshot"
