@@ -31,7 +31,7 @@ from consensus.raft.snapshot import SnapshotHeader, write_snapshot
 from node import bench
 from node.cluster import LocalCluster, local_raft
 from node.load import Progress
-from storage.entry_hashes import EntryHashIndex
+from storage.entry_hashes import EntryHashIndex, index_databases_max, run_database_names
 from storage.rules import apply_batch, genesis_applied_index, initialize
 from storage.state import LedgerStore
 
@@ -209,7 +209,7 @@ def _node_state(data_dir: Path) -> Iterator[lmdb.Environment]:
 
 @contextlib.contextmanager
 def _stopped_environment(path: Path) -> Iterator[lmdb.Environment]:
-    environment = lmdb.open(str(path), readonly=True, max_dbs=64, map_size=_map_size(path))
+    environment = lmdb.open(str(path), readonly=True, max_dbs=max(64, index_databases_max), map_size=_map_size(path))
     try:
         yield environment
     finally:
@@ -267,18 +267,19 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
 # that can take minutes.
 start_seconds_max = 900
 
-# Written at random places by every transfer: accounts by name in the state, and (behind the apply, by the
-# indexer) the entry-hash index by hash in its own environment; the rest of the state, history and the hash
-# log included, is appended to or read near its end.
+# Written at random places by every transfer: accounts by name in the state. The rest of the state, history
+# and the hash log included, is appended to or read near its end; the entry-hash index's runs are written in
+# order and read in order by its merges. A node that has been running holds both in its page cache.
 randomly_written_databases = ("accounts",)
-randomly_written_index_databases = ("hashes",)
+index_databases = tuple(name.decode() for name in run_database_names())
 
 
 def warm_page_cache(data_dir: Path) -> float:
-    """Read every page of the databases a transfer writes at random, as a node that has been running holds
-    them in memory; a node just started from a copied file would otherwise measure the disk. Returns seconds."""
+    """Read every page of the accounts and of the entry-hash index's runs, as a node that has been running
+    holds them in memory; a node just started from a copied file would otherwise measure the disk. Returns
+    seconds."""
     started = time.perf_counter()
-    for path, names in ((data_dir / "state", randomly_written_databases), (data_dir / "entry_hashes", randomly_written_index_databases)):
+    for path, names in ((data_dir / "state", randomly_written_databases), (data_dir / "entry_hashes", index_databases)):
         if not (path / "data.mdb").exists():
             continue
         with _stopped_environment(path) as environment:

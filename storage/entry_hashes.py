@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
+from consensus.codec import CodecError, pack, unpack
 from storage.state import LedgerStore, StateTransaction, StorageCorrupted, open_environment
 
 # Bakong-style lookups know a transfer by the SHA-256 of its signed entry, as stored and replicated; the
@@ -23,7 +26,7 @@ pair_bytes = entry_hash_bytes + transfer_id_bytes
 # throughput at 1 million accounts by a quarter (README, "Scale"). So the apply only appends one `hash_log`
 # record per Raft entry (sequential keys: append-mostly pages) holding the (hash, id) pairs of the transfers
 # it recorded, and a node thread copies the log into a separate, hash-sorted LMDB environment in large
-# transactions. A lookup reads the index up to where it has been built and scans the log after it, so an
+# transactions (as sorted runs merged in the background: EntryHashIndex). A lookup reads the index up to where it has been built and scans the log after it, so an
 # answer never depends on how far the index has got: a transfer is found the moment it is applied.
 hash_log_database = "hash_log"
 # The indexer's transaction size: large enough to share the B-tree's upper pages among many inserts,
@@ -33,11 +36,33 @@ catch_up_entries_max = 20_000
 # rebuilding (a node that just installed a snapshot of a large state) and the lookup says so instead of
 # stalling its caller.
 lookup_scan_entries_max = 65_536
-index_databases_max = 4
+# Layout 1 was one B-tree (`hashes`); an index found in it is dropped and built again from the log.
+index_layout_version = 2
+# The databases that can hold runs. A level holds at most `runs_per_level_max` - 1 runs that wait, as many
+# being merged and the merge's output: 2 x 8 per level, 6 levels (a billion pairs) in 100 slots.
+run_slots = 100
+# A merge's fan-in: runs of one level are merged when there are this many. Fewer runs per lookup against
+# fewer rewrites of each pair (log base this of the pairs).
+runs_per_level_max = 8
+# Level 0 holds runs under this many pairs x `runs_per_level_max`; level n under that x `runs_per_level_max`**n.
+level_base_entries = 1024
+# A merge is written in ranges of hashes of about this many pairs, one transaction each: the dirty pages
+# LMDB holds in memory until commit stay a few megabytes, and a lookup never waits long for the writer.
+merge_chunk_entries_max = 65_536
+# The merging an indexing transaction does, in pairs written per pair indexed: above the number of levels a
+# pair passes through (4 at 13 million pairs, 6 at a billion), so merges keep up with what is indexed.
+merge_entries_per_pair = 8
+# Merge ranges split the first two bytes of the hash.
+chunk_prefixes = 1 << 16
+index_databases_max = run_slots + 2  # the slots, `meta`, and layout 1's `hashes` while it is dropped
 
 _u64 = struct.Struct(">Q")
 _meta_indexed_through = b"indexed_through"
 _meta_cluster_id = b"cluster_id"
+_meta_layout = b"layout"
+_meta_runs = b"runs"
+_meta_merges = b"merges"
+_legacy_database = b"hashes"
 
 
 class EntryHashIndexBehind(RuntimeError):
@@ -69,6 +94,43 @@ def _logged_pairs(transaction: StateTransaction, after_index: int):
         yield _u64.unpack(key)[0], pairs
 
 
+class IndexLayoutOutdated(RuntimeError):
+    """A read-only open found an index written by an older node; a node opening it rebuilds it."""
+
+    def __init__(self, path: Path, layout: int) -> None:
+        super().__init__(
+            f"{path} holds an entry-hash index in layout {layout}, not {index_layout_version}: a node started on "
+            "this data directory builds it again from the log"
+        )
+
+
+class IndexSlotsExhausted(RuntimeError):
+    """No database is free for a new run: cannot happen while merges keep up (`run_slots`)."""
+
+    def __init__(self, runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> None:
+        super().__init__(f"the entry-hash index has no free slot: {len(runs)} runs, {len(merges)} merges under way")
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A sorted run of (hash, id) pairs in one slot's database."""
+
+    slot: int
+    level: int
+    entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """Runs being merged into an output slot, one range of hashes per transaction."""
+
+    output_slot: int
+    sources: tuple[int, ...]  # slots, each holding a run until the merge ends
+    chunks: int  # ranges of hashes
+    next_chunk: int
+    entries: int  # written to the output so far
+
+
 @dataclass(frozen=True, slots=True)
 class IndexCheck:
     """An index compared with the state's log: where each stands, and how they differ up to the index's position."""
@@ -97,6 +159,22 @@ class EntryHashIndex:
 
     It has its own environment, not a database in the state's, because LMDB allows one writer per
     environment: in the state's, every indexing transaction would hold up the apply.
+
+    It is a set of sorted runs merged in the background, as in an LSM tree, not one B-tree. A hash is random:
+    inserted into one tree that holds every transfer ever recorded, each lands on a page of its own (at 13
+    million pairs, an indexing transaction of 6,800 pairs dirtied 6,700 of the tree's 266,000 leaves and 3,700
+    of its 5,200 branch pages, about 1.5 written pages per transfer, README "Scale"). Here each indexing
+    transaction writes its pairs, sorted, as a new run: appended into an empty database, so its pages are
+    written once and full. When `runs_per_level_max` runs of about the same size exist, they are merged into
+    one, by ranges of hashes, a transaction per range, each written in order the same way. A pair is written
+    once per level it passes through (about log8 of the pairs over `level_base_entries`: 4 at 13 million), a
+    seventieth of a page each time. A lookup seeks every run (up to about 30 at a billion pairs).
+
+    Each run lives in one of `run_slots` LMDB databases, all opened when the index is: handles are shared
+    by every thread, and LMDB's `mdb_dbi_open` must not run beside another transaction's. The manifest in
+    `meta` names the slots that hold runs and the merges under way; a slot is emptied (its pages freed
+    without reading its leaves) in the transaction that ends the merge that read it. A reader sees the
+    manifest and the runs of one snapshot, so a merge never shows a pair twice or not at all.
     """
 
     def __init__(self, path: Path, *, map_size_bytes: int, sync: bool = True, readonly: bool = False) -> None:
@@ -112,8 +190,35 @@ class EntryHashIndex:
             path, map_size_bytes=map_size_bytes, sync=sync, metasync=False, databases_max=index_databases_max,
             readonly=readonly,
         )
-        self._hashes = self.environment.open_db(b"hashes", create=not readonly)
-        self._meta = self.environment.open_db(b"meta", create=not readonly)
+        try:
+            if readonly:
+                self._meta = self.environment.open_db(b"meta", create=False)
+                with self.environment.begin() as transaction:
+                    layout = _layout(transaction.get(_meta_layout, db=self._meta))
+                if layout != index_layout_version:
+                    raise IndexLayoutOutdated(path, layout)
+                self._slots = tuple(self.environment.open_db(_slot_name(slot), create=False) for slot in range(run_slots))
+            else:
+                self._open_writable()
+        except BaseException:
+            self.environment.close()
+            raise
+
+    def _open_writable(self) -> None:
+        """Open (creating) every slot; an index of an older layout is dropped here and built again from the log."""
+        with self.environment.begin(write=True) as transaction:
+            self._meta = self.environment.open_db(b"meta", txn=transaction)
+            self._slots = tuple(self.environment.open_db(_slot_name(slot), txn=transaction) for slot in range(run_slots))
+            if _layout(transaction.get(_meta_layout, db=self._meta)) != index_layout_version:
+                try:
+                    legacy = self.environment.open_db(_legacy_database, txn=transaction, create=False)
+                except lmdb.NotFoundError:
+                    pass
+                else:
+                    transaction.drop(legacy, delete=True)
+                self._clear(transaction)
+                transaction.delete(_meta_indexed_through, db=self._meta)
+                transaction.put(_meta_layout, _u64.pack(index_layout_version), db=self._meta)
 
     def close(self) -> None:
         self.environment.close()
@@ -126,9 +231,53 @@ class EntryHashIndex:
         stored = transaction.get(_meta_indexed_through, db=self._meta)
         return 0 if stored is None else _u64.unpack(stored)[0]
 
+    def runs(self) -> tuple[Run, ...]:
+        """The runs a lookup reads now."""
+        with self.environment.begin() as transaction:
+            return self._runs(transaction)
+
+    def merges(self) -> tuple[Merge, ...]:
+        """The merges under way."""
+        with self.environment.begin() as transaction:
+            return self._merges(transaction)
+
+    def slot_database(self, slot: int) -> Any:
+        """The LMDB database handle of a run slot (for tools and tests that read or repair a run)."""
+        return self._slots[slot]
+
+    def _runs(self, transaction: lmdb.Transaction) -> tuple[Run, ...]:
+        stored = transaction.get(_meta_runs, db=self._meta)
+        try:
+            return () if stored is None else tuple(Run(*fields) for fields in unpack(stored))
+        except (CodecError, TypeError) as error:
+            raise StorageCorrupted(f"the entry-hash index's run list is damaged ({error}); delete its directory to rebuild it") from error
+
+    def _merges(self, transaction: lmdb.Transaction) -> tuple[Merge, ...]:
+        stored = transaction.get(_meta_merges, db=self._meta)
+        try:
+            return () if stored is None else tuple(Merge(output, tuple(sources), chunks, next_chunk, entries) for output, sources, chunks, next_chunk, entries in unpack(stored))
+        except (CodecError, TypeError, ValueError) as error:
+            raise StorageCorrupted(f"the entry-hash index's merge list is damaged ({error}); delete its directory to rebuild it") from error
+
+    def _put_manifest(self, transaction: lmdb.Transaction, runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> None:
+        transaction.put(_meta_runs, pack([[run.slot, run.level, run.entries] for run in runs]), db=self._meta)
+        transaction.put(
+            _meta_merges,
+            pack([[merge.output_slot, list(merge.sources), merge.chunks, merge.next_chunk, merge.entries] for merge in merges]),
+            db=self._meta,
+        )
+
+    def _clear(self, transaction: lmdb.Transaction) -> None:
+        """Empty every slot and the manifest (a rebuild starts from nothing)."""
+        for database in self._slots:
+            transaction.drop(database, delete=False)
+        self._put_manifest(transaction, (), ())
+
     def catch_up(self, store: LedgerStore, entries_max: int = catch_up_entries_max) -> int:
-        """Index logged pairs past where the index stands, up to about `entries_max` in one transaction.
-        Returns how many pairs it indexed (0: the index is current). One caller at a time (the indexer thread).
+        """Index logged pairs past where the index stands, up to about `entries_max` in one transaction, then
+        merge up to `merge_entries_per_pair` times as many pairs as that (in transactions of up to
+        `merge_chunk_entries_max`). Returns how many pairs it indexed (0: the index is current). One caller at
+        a time (the indexer thread).
 
         The log is read first and its read transaction ended before the index is written: an LMDB reader
         pins the pages the apply frees after it began, and one held through the index's writes and fsync
@@ -156,20 +305,77 @@ class EntryHashIndex:
                 if len(pairs) >= entries_max:
                     reached = index
                     break
-        # Sorted, the inserts walk the tree left to right and share the pages they touch.
         pairs.sort()
         with self.environment.begin(write=True) as transaction:
             if rebuild:
-                transaction.drop(self._hashes, delete=False)
-            with transaction.cursor(db=self._hashes) as cursor:
-                cursor.putmulti((pair, b"") for pair in pairs)
+                self._clear(transaction)
+            runs, merges = self._runs(transaction), self._merges(transaction)
+            if pairs:
+                slot = _free_slot(runs, merges)
+                if slot is None:
+                    raise IndexSlotsExhausted(runs, merges)
+                self._write_run(transaction, slot, pairs)
+                runs += (Run(slot, _level(len(pairs)), len(pairs)),)
+                self._put_manifest(transaction, runs, merges)
             transaction.put(_meta_indexed_through, _u64.pack(reached), db=self._meta)
             transaction.put(_meta_cluster_id, cluster_id, db=self._meta)
+        self.merge(merge_entries_per_pair * len(pairs))
+        return len(pairs)
+
+    def _write_run(self, transaction: lmdb.Transaction, slot: int, pairs: list[bytes]) -> None:
+        """Append sorted pairs to a slot's database; appended, LMDB fills each page before it starts the next."""
+        with transaction.cursor(db=self._slots[slot]) as cursor:
+            cursor.putmulti(zip(pairs, itertools.repeat(b"")), append=True)
+
+    def merge(self, entries_budget: int) -> int:
+        """Start the merges that are due and work on them, lowest level first, until about `entries_budget`
+        pairs have been written, and at least one range when a merge is under way; a slot shortage overrides
+        the budget. Returns the pairs written."""
+        written = 0
+        while True:
+            with self.environment.begin() as transaction:
+                if not _start_due_merges(self._runs(transaction), self._merges(transaction)):
+                    return written
+            with self.environment.begin(write=True) as transaction:
+                runs, merges = self._runs(transaction), self._merges(transaction)
+                merges = _start_due_merges(runs, merges)
+                # A small merge is a step away from freeing its slots; a large one waits for the leftover budget.
+                merge = min(merges, key=lambda candidate: (_level(_source_entries(runs, candidate)), candidate.output_slot))
+                written += self._merge_chunk(transaction, merge, runs, merges)
+                slots_short = _free_slot(self._runs(transaction), self._merges(transaction)) is None
+            if written >= entries_budget and not slots_short:
+                return written
+
+    def _merge_chunk(self, transaction: lmdb.Transaction, merge: Merge, runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> int:
+        """Merge the sources' pairs in the merge's next range of hashes into its output; the last range ends
+        the merge: the output becomes a run and the sources' slots are emptied, in this transaction."""
+        low = _chunk_bound(merge.next_chunk, merge.chunks)
+        high = _chunk_bound(merge.next_chunk + 1, merge.chunks) if merge.next_chunk + 1 < merge.chunks else None
+        pairs: list[bytes] = []
+        for slot in merge.sources:
+            with transaction.cursor(db=self._slots[slot]) as cursor:
+                if not cursor.set_range(low):
+                    continue
+                keys = cursor.iternext(values=False)
+                pairs.extend(keys if high is None else itertools.takewhile(high.__gt__, keys))
+        # Each source is sorted: the sort merges runs, in C.
+        pairs.sort()
+        self._write_run(transaction, merge.output_slot, pairs)
+        progressed = replace(merge, next_chunk=merge.next_chunk + 1, entries=merge.entries + len(pairs))
+        others = tuple(other for other in merges if other.output_slot != merge.output_slot)
+        if progressed.next_chunk < progressed.chunks:
+            self._put_manifest(transaction, runs, others + (progressed,))
+        else:
+            for slot in merge.sources:
+                transaction.drop(self._slots[slot], delete=False)
+            kept = tuple(run for run in runs if run.slot not in merge.sources)
+            self._put_manifest(transaction, kept + (Run(merge.output_slot, _level(progressed.entries), progressed.entries),), others)
         return len(pairs)
 
     def check(self, store: LedgerStore, examples_max: int = 10) -> IndexCheck:
-        """Compare the index with the state's log: one lookup per logged pair, under one read transaction on
-        each (about 50 s for 13.5 M pairs, while the state's writer cannot reuse the pages it frees meanwhile).
+        """Compare the index with the state's log: each logged pair looked up in the runs, largest first
+        (most pairs are in the largest), under one read transaction on each (about a minute for 13.5 M
+        pairs, while the state's writer cannot reuse the pages it frees meanwhile).
 
         Logged pairs are unique (a transfer is recorded once), so every logged pair found and equal counts
         mean the index holds exactly the log through its position. The index's transaction begins first, so
@@ -178,7 +384,9 @@ class EntryHashIndex:
         missing_pairs = logged_pairs = 0
         with self.environment.begin() as transaction, store.read() as state:
             indexed_through = self._indexed_through(transaction)
-            indexed_pairs = transaction.stat(self._hashes)["entries"]
+            runs = sorted(self._runs(transaction), key=lambda run: run.entries, reverse=True)
+            indexed_pairs = sum(transaction.stat(self._slots[run.slot])["entries"] for run in runs)
+            databases = [self._slots[run.slot] for run in runs]
             stored_cluster_id = transaction.get(_meta_cluster_id, db=self._meta)
             identity = state.identity()
             cluster_id = b"" if identity is None else identity[0].encode()
@@ -189,7 +397,7 @@ class EntryHashIndex:
                 for start in range(0, len(logged), pair_bytes):
                     logged_pairs += 1
                     pair = logged[start : start + pair_bytes]
-                    if transaction.get(pair, db=self._hashes) is None:
+                    if not any(transaction.get(pair, db=database) is not None for database in databases):
                         missing_pairs += 1
                         if len(missing) < examples_max:
                             missing.append(pair)
@@ -199,16 +407,77 @@ class EntryHashIndex:
         )
 
     def ids_with_prefix(self, prefix: bytes, limit: int) -> tuple[list[bytes], int]:
-        """(ids of indexed pairs whose hash starts with `prefix`, up to `limit`; the index's position)."""
+        """(ids of indexed pairs whose hash starts with `prefix`, the `limit` first in hash order; the index's
+        position)."""
         found: list[bytes] = []
-        with self.environment.begin() as transaction, transaction.cursor(db=self._hashes) as cursor:
+        with self.environment.begin() as transaction:
             indexed_through = self._indexed_through(transaction)
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(values=False):
-                    if not key.startswith(prefix) or len(found) == limit:
-                        break
-                    found.append(key[entry_hash_bytes:])
-        return found, indexed_through
+            for run in self._runs(transaction):
+                with transaction.cursor(db=self._slots[run.slot]) as cursor:
+                    if not cursor.set_range(prefix):
+                        continue
+                    for count, key in enumerate(cursor.iternext(values=False)):
+                        if count == limit or not key.startswith(prefix):
+                            break
+                        found.append(key)
+        return [pair[entry_hash_bytes:] for pair in sorted(found)[:limit]], indexed_through
+
+
+def run_database_names() -> list[bytes]:
+    """The LMDB names of the run slots (what a tool reading a stopped node's index opens)."""
+    return [_slot_name(slot) for slot in range(run_slots)]
+
+
+def _slot_name(slot: int) -> bytes:
+    return b"run-%03d" % slot
+
+
+def _layout(stored: bytes | None) -> int:
+    """The layout an index was written in; before layouts were recorded it was one B-tree (layout 1)."""
+    return 1 if stored is None else _u64.unpack(stored)[0]
+
+
+def _level(entries: int) -> int:
+    """A run's size class: runs of one level are within a factor `runs_per_level_max` of each other."""
+    level = 0
+    while entries >= level_base_entries * runs_per_level_max ** (level + 1):
+        level += 1
+    return level
+
+
+def _source_entries(runs: tuple[Run, ...], merge: Merge) -> int:
+    return sum(run.entries for run in runs if run.slot in merge.sources)
+
+
+def _free_slot(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> int | None:
+    used = {run.slot for run in runs} | {merge.output_slot for merge in merges}
+    return next((slot for slot in range(run_slots) if slot not in used), None)
+
+
+def _start_due_merges(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> tuple[Merge, ...]:
+    """Add a merge for every level holding `runs_per_level_max` runs that no merge is reading yet, oldest
+    runs first (the manifest keeps runs in the order they were made)."""
+    merging = {slot for merge in merges for slot in merge.sources}
+    by_level: dict[int, list[Run]] = {}
+    for run in runs:
+        if run.slot not in merging:
+            by_level.setdefault(run.level, []).append(run)
+    for level in sorted(by_level):
+        waiting = by_level[level]
+        while len(waiting) >= runs_per_level_max:
+            output = _free_slot(runs, merges)
+            if output is None:
+                return merges
+            sources, waiting = waiting[:runs_per_level_max], waiting[runs_per_level_max:]
+            entries = sum(run.entries for run in sources)
+            chunks = min(chunk_prefixes, -(-entries // merge_chunk_entries_max))
+            merges += (Merge(output, tuple(run.slot for run in sources), chunks, 0, 0),)
+    return merges
+
+
+def _chunk_bound(chunk: int, chunks: int) -> bytes:
+    """The first hash of a merge's range `chunk` of `chunks`: ranges split the hashes' first two bytes evenly."""
+    return (chunk * chunk_prefixes // chunks).to_bytes(2, "big")
 
 
 def transfer_ids_with_hash_prefix(transaction: StateTransaction, index: EntryHashIndex | None, prefix: bytes, limit: int) -> list[bytes]:

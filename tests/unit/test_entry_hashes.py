@@ -183,7 +183,7 @@ def test_an_index_entry_naming_a_transfer_of_another_hash_stops_the_lookup(ledge
     ledger.apply(entry)
     index.catch_up(ledger.store)
     wrong = b"\xab" * 32
-    hashes = index.environment.open_db(b"hashes")  # outside a transaction: opening one begins its own
+    hashes = index.slot_database(index.runs()[0].slot)
     with index.environment.begin(write=True) as transaction:
         transaction.put(wrong + tid(60), b"", db=hashes)
     with ledger.store.read() as transaction, pytest.raises(StorageCorrupted, match="entry-hash index"):
@@ -274,7 +274,7 @@ def test_the_index_check_names_a_logged_pair_missing_from_the_index_and_counts_a
     entry = pay(ledger, 310)
     ledger.apply(entry)
     index.catch_up(ledger.store)
-    hashes = index.environment.open_db(b"hashes")  # outside a transaction: opening one begins its own
+    hashes = index.slot_database(index.runs()[0].slot)
     pair = hashlib.sha256(entry).digest() + tid(310)
     with index.environment.begin(write=True) as transaction:
         assert transaction.delete(pair, db=hashes)
@@ -325,7 +325,7 @@ def test_tonle_index_check_reads_a_node_data_directory_and_fails_on_a_missing_pa
     code, report = run()
     assert code == 0 and report["consistent"] and report["logged_pairs"] == report["indexed_pairs"] == 1
     reopened = EntryHashIndex(data_dir / "entry_hashes", map_size_bytes=64 << 20)
-    hashes = reopened.environment.open_db(b"hashes")
+    hashes = reopened.slot_database(reopened.runs()[0].slot)
     with reopened.environment.begin(write=True) as transaction:
         assert transaction.delete(hashlib.sha256(entry).digest() + tid(320), db=hashes)
     reopened.close()
@@ -334,3 +334,142 @@ def test_tonle_index_check_reads_a_node_data_directory_and_fails_on_a_missing_pa
     assert report["missing_examples"] == [(hashlib.sha256(entry).digest() + tid(320)).hex()]
     with pytest.raises(FileNotFoundError, match="no entry-hash index"):
         EntryHashIndex(tmp_path / "nowhere", map_size_bytes=64 << 20, readonly=True)
+
+
+# The index as sorted runs merged in the background --------------------------------------------------------
+
+
+def logged_records(ledger: Ledger, records: int, per_record: int, seed: bytes = b"r") -> list[bytes]:
+    """Log `records` records of synthetic pairs straight into the state (as the apply would) and return the pairs."""
+    applied = ledger.summary().applied_index
+    written: list[bytes] = []
+    with ledger.store.write() as transaction:
+        for number in range(records):
+            pairs = [hashlib.sha256(seed + b"%d-%d" % (number, position)).digest() + tid(100_000 + number * per_record + position) for position in range(per_record)]
+            put_log(transaction, applied + 1 + number, b"".join(pairs))
+            written.extend(pairs)
+        transaction.set_applied_index(applied + records)
+    return written
+
+
+@pytest.fixture
+def small_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Levels of a few pairs and merges in ranges of a few, so a test sees many merges of many ranges."""
+    monkeypatch.setattr(entry_hashes, "level_base_entries", 2)
+    monkeypatch.setattr(entry_hashes, "runs_per_level_max", 4)
+    monkeypatch.setattr(entry_hashes, "merge_chunk_entries_max", 16)
+
+
+def every_indexed_pair(index: EntryHashIndex) -> list[bytes]:
+    with index.environment.begin() as transaction:
+        return [key for run in index.runs() for key in transaction.cursor(db=index.slot_database(run.slot)).iternext(values=False)]
+
+
+def test_runs_of_one_level_are_merged_so_runs_stay_few_and_every_pair_is_indexed_once(ledger: Ledger, index: EntryHashIndex, small_levels: None) -> None:
+    pairs = logged_records(ledger, records=60, per_record=8)
+    made = 0
+    while index.catch_up(ledger.store, entries_max=8):
+        made += 1
+    while index.merges():  # finish what the last transactions' budget left under way
+        index.merge(1)
+    runs = index.runs()
+    # 60 indexing transactions (the first takes the fixture's issue and a record), merged: under 4 runs a level.
+    levels = [run.level for run in runs]
+    assert made == 60 and all(levels.count(level) < 4 for level in levels) and len(runs) < 10
+    assert any(run.entries > 8 * 4 * 4 for run in runs)  # merged at least twice over
+    indexed = every_indexed_pair(index)
+    assert sorted(indexed) == sorted(pairs + logged_pairs(ledger)[:1]) and len(set(indexed)) == len(indexed)
+    assert index.check(ledger.store).consistent
+    for pair in pairs[::37]:
+        assert ids(ledger, index, pair[:32]) == [pair[32:]]
+        found, _through = index.ids_with_prefix(pair[:4], 10)
+        assert found == [pair[32:]]
+
+
+def test_a_merge_is_written_a_range_of_hashes_per_transaction_and_readers_see_each_pair_once_meanwhile(
+    ledger: Ledger, index: EntryHashIndex, small_levels: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(entry_hashes, "merge_entries_per_pair", 0)  # one range per indexing transaction
+    pairs = logged_records(ledger, records=4, per_record=40)
+    index.catch_up(ledger.store, entries_max=1)  # the fixture's issue
+    for _ in range(3):
+        index.catch_up(ledger.store, entries_max=40)
+    assert index.merges() == ()
+    index.catch_up(ledger.store, entries_max=40)  # the fourth run of level 3 (40 pairs): its merge starts
+    (merge,) = index.merges()
+    # 160 pairs in ranges of about 16: ten ranges, one written so far.
+    assert merge.chunks == 10 and merge.next_chunk == 1 and 0 < merge.entries < 40
+    # Mid-merge, the sources are still the runs a lookup reads, and the output is not read yet.
+    assert merge.output_slot not in {run.slot for run in index.runs()}
+    assert sorted(every_indexed_pair(index)) == sorted(pairs + logged_pairs(ledger)[:1])
+    assert index.check(ledger.store).consistent
+    found, _through = index.ids_with_prefix(b"", 1000)
+    assert sorted(found) == sorted(pair[32:] for pair in pairs + logged_pairs(ledger)[:1])
+    # A merge resumes where it stood after the index is closed and opened again (a restart).
+    index.close()
+    reopened = EntryHashIndex(index.path, map_size_bytes=64 << 20)
+    try:
+        assert reopened.merges() == (merge,)
+        while reopened.merges():
+            reopened.merge(1)
+        (*_, merged) = reopened.runs()
+        assert merged.slot == merge.output_slot and merged.entries == 160
+        with reopened.environment.begin() as transaction:
+            assert [transaction.stat(reopened.slot_database(slot))["entries"] for slot in merge.sources] == [0, 0, 0, 0]
+        assert sorted(every_indexed_pair(reopened)) == sorted(pairs + logged_pairs(ledger)[:1])
+        assert reopened.check(ledger.store).consistent
+    finally:
+        reopened.close()
+
+
+def test_lookups_by_prefix_across_runs_return_the_first_ids_in_hash_order(ledger: Ledger, index: EntryHashIndex, small_levels: None) -> None:
+    pairs = logged_records(ledger, records=12, per_record=8)
+    while index.catch_up(ledger.store, entries_max=8):
+        pass
+    assert len(index.runs()) > 1
+    everything = sorted(pairs + logged_pairs(ledger)[:1])
+    found, _through = index.ids_with_prefix(b"", 5)
+    assert found == [pair[32:] for pair in everything[:5]]
+
+
+def test_a_new_run_with_every_slot_taken_is_refused_with_a_typed_error(ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(entry_hashes, "run_slots", 3)
+    monkeypatch.setattr(entry_hashes, "runs_per_level_max", 1000)  # nothing merges
+    logged_records(ledger, records=4, per_record=2)
+    index = EntryHashIndex(tmp_path / "three_slots", map_size_bytes=64 << 20)
+    try:
+        for _ in range(3):
+            assert index.catch_up(ledger.store, entries_max=1)
+        indexed_through = index.indexed_through()
+        with pytest.raises(entry_hashes.IndexSlotsExhausted, match="no free slot: 3 runs"):
+            index.catch_up(ledger.store, entries_max=1)
+        assert index.indexed_through() == indexed_through  # nothing half-written
+        assert index.check(ledger.store).consistent
+    finally:
+        index.close()
+
+
+def test_an_index_written_as_one_b_tree_is_dropped_and_built_again_as_runs(ledger: Ledger, tmp_path: Path) -> None:
+    ledger.apply(pay(ledger, 400))
+    path = tmp_path / "layout_1"
+    path.mkdir()
+    # What a node of layout 1 left: a `hashes` tree and its position, no layout record.
+    environment = lmdb.open(str(path), map_size=64 << 20, max_dbs=4)
+    with environment.begin(write=True) as transaction:
+        hashes = environment.open_db(b"hashes", txn=transaction)
+        meta = environment.open_db(b"meta", txn=transaction)
+        transaction.put(b"\x01" * 48, b"", db=hashes)
+        transaction.put(b"indexed_through", ledger.summary().applied_index.to_bytes(8, "big"), db=meta)
+    environment.close()
+    with pytest.raises(entry_hashes.IndexLayoutOutdated, match="layout 1, not 2"):
+        EntryHashIndex(path, map_size_bytes=64 << 20, readonly=True)
+    index = EntryHashIndex(path, map_size_bytes=64 << 20)
+    try:
+        assert index.indexed_through() == 0 and index.runs() == ()
+        with index.environment.begin() as transaction, pytest.raises(lmdb.NotFoundError):
+            index.environment.open_db(b"hashes", txn=transaction, create=False)
+        assert index.catch_up(ledger.store) == 2
+        assert index.check(ledger.store).consistent
+    finally:
+        index.close()
+    EntryHashIndex(path, map_size_bytes=64 << 20, readonly=True).close()
