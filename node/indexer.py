@@ -11,7 +11,7 @@ from typing import Any
 
 import lmdb
 
-from storage.entry_hashes import EntryHashIndex, IndexCheck, catch_up_entries_max
+from storage.entry_hashes import EntryHashIndex, IndexCheck, IndexSlotsExhausted, catch_up_entries_max
 from storage.state import LedgerStore, StorageCorrupted
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class EntryHashIndexer:
                 # The log is part of the replicated state: a damaged record there is a damaged state.
                 self._fatal(f"entry-hash indexer: {error}")
                 return
-            except lmdb.Error as error:
+            except (lmdb.Error, IndexSlotsExhausted) as error:
                 self._failed()
                 logger.error("entry-hash indexing failed, retrying in %.0f s: %s", retry_pause_seconds, error)
                 pause = retry_pause_seconds

@@ -306,12 +306,17 @@ class EntryHashIndex:
                     reached = index
                     break
         pairs.sort()
+        with self.environment.begin() as transaction:
+            slots_short = _slots_short(self._runs(transaction), self._merges(transaction))
+        if slots_short and not rebuild:
+            self.merge(0)  # works until a merge ends and frees slots
         with self.environment.begin(write=True) as transaction:
             if rebuild:
                 self._clear(transaction)
             runs, merges = self._runs(transaction), self._merges(transaction)
             if pairs:
-                slot = _free_slot(runs, merges)
+                # The last free slot is kept for a merge's output: with none, no merge could ever free one.
+                slot = None if _slots_short(runs, merges) else _free_slot(runs, merges)
                 if slot is None:
                     raise IndexSlotsExhausted(runs, merges)
                 self._write_run(transaction, slot, pairs)
@@ -329,20 +334,22 @@ class EntryHashIndex:
 
     def merge(self, entries_budget: int) -> int:
         """Start the merges that are due and work on them, lowest level first, until about `entries_budget`
-        pairs have been written, and at least one range when a merge is under way; a slot shortage overrides
-        the budget. Returns the pairs written."""
+        pairs have been written, and at least one range when a merge is under way. With fewer than two slots
+        free it goes on until a merge ends, and merges the smallest runs early if none is due. Returns the
+        pairs written."""
         written = 0
         while True:
             with self.environment.begin() as transaction:
-                if not _start_due_merges(self._runs(transaction), self._merges(transaction)):
+                runs, merges = self._runs(transaction), self._merges(transaction)
+                if not _start_due_merges(runs, merges, _slots_short(runs, merges)):
                     return written
             with self.environment.begin(write=True) as transaction:
                 runs, merges = self._runs(transaction), self._merges(transaction)
-                merges = _start_due_merges(runs, merges)
+                merges = _start_due_merges(runs, merges, _slots_short(runs, merges))
                 # A small merge is a step away from freeing its slots; a large one waits for the leftover budget.
                 merge = min(merges, key=lambda candidate: (_level(_source_entries(runs, candidate)), candidate.output_slot))
                 written += self._merge_chunk(transaction, merge, runs, merges)
-                slots_short = _free_slot(self._runs(transaction), self._merges(transaction)) is None
+                slots_short = _slots_short(self._runs(transaction), self._merges(transaction))
             if written >= entries_budget and not slots_short:
                 return written
 
@@ -454,24 +461,36 @@ def _free_slot(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> int | None:
     return next((slot for slot in range(run_slots) if slot not in used), None)
 
 
-def _start_due_merges(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> tuple[Merge, ...]:
+def _slots_short(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> bool:
+    """Fewer than two slots free: the next run would take the last, which a merge's output needs."""
+    used = {run.slot for run in runs} | {merge.output_slot for merge in merges}
+    return run_slots - len(used) < 2
+
+
+def _start_due_merges(runs: tuple[Run, ...], merges: tuple[Merge, ...], slots_short: bool = False) -> tuple[Merge, ...]:
     """Add a merge for every level holding `runs_per_level_max` runs that no merge is reading yet, oldest
-    runs first (the manifest keeps runs in the order they were made)."""
+    runs first (the manifest keeps runs in the order they were made). Short of slots with no merge under
+    way or due, merge the smallest runs waiting, as many as a merge takes, early."""
     merging = {slot for merge in merges for slot in merge.sources}
+    waiting_runs = [run for run in runs if run.slot not in merging]
     by_level: dict[int, list[Run]] = {}
-    for run in runs:
-        if run.slot not in merging:
-            by_level.setdefault(run.level, []).append(run)
+    for run in waiting_runs:
+        by_level.setdefault(run.level, []).append(run)
+    due: list[list[Run]] = []
     for level in sorted(by_level):
         waiting = by_level[level]
         while len(waiting) >= runs_per_level_max:
-            output = _free_slot(runs, merges)
-            if output is None:
-                return merges
-            sources, waiting = waiting[:runs_per_level_max], waiting[runs_per_level_max:]
-            entries = sum(run.entries for run in sources)
-            chunks = min(chunk_prefixes, -(-entries // merge_chunk_entries_max))
-            merges += (Merge(output, tuple(run.slot for run in sources), chunks, 0, 0),)
+            due.append(waiting[:runs_per_level_max])
+            waiting = waiting[runs_per_level_max:]
+    if not due and not merges and slots_short and len(waiting_runs) >= 2:
+        due.append(sorted(waiting_runs, key=lambda run: run.entries)[:runs_per_level_max])
+    for sources in due:
+        output = _free_slot(runs, merges)
+        if output is None:
+            break
+        entries = sum(run.entries for run in sources)
+        chunks = min(chunk_prefixes, -(-entries // merge_chunk_entries_max))
+        merges += (Merge(output, tuple(run.slot for run in sources), chunks, 0, 0),)
     return merges
 
 

@@ -432,19 +432,27 @@ def test_lookups_by_prefix_across_runs_return_the_first_ids_in_hash_order(ledger
     assert found == [pair[32:] for pair in everything[:5]]
 
 
-def test_a_new_run_with_every_slot_taken_is_refused_with_a_typed_error(ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_slots_for_fewer_runs_than_are_waiting_the_smallest_are_merged_early(ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(entry_hashes, "run_slots", 3)
-    monkeypatch.setattr(entry_hashes, "runs_per_level_max", 1000)  # nothing merges
-    logged_records(ledger, records=4, per_record=2)
+    monkeypatch.setattr(entry_hashes, "runs_per_level_max", 1000)  # no level ever fills: no merge is due
+    pairs = logged_records(ledger, records=6, per_record=2)
     index = EntryHashIndex(tmp_path / "three_slots", map_size_bytes=64 << 20)
     try:
-        for _ in range(3):
-            assert index.catch_up(ledger.store, entries_max=1)
-        indexed_through = index.indexed_through()
-        with pytest.raises(entry_hashes.IndexSlotsExhausted, match="no free slot: 3 runs"):
-            index.catch_up(ledger.store, entries_max=1)
-        assert index.indexed_through() == indexed_through  # nothing half-written
+        while index.catch_up(ledger.store, entries_max=1):
+            assert len(index.runs()) <= 2  # the third slot is kept for a merge's output
+        assert sorted(every_indexed_pair(index)) == sorted(pairs + logged_pairs(ledger)[:1])
         assert index.check(ledger.store).consistent
+    finally:
+        index.close()
+
+
+def test_an_index_with_one_slot_refuses_a_run_with_a_typed_error_and_writes_nothing(ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(entry_hashes, "run_slots", 1)  # a run would take the slot a merge's output needs
+    index = EntryHashIndex(tmp_path / "one_slot", map_size_bytes=64 << 20)
+    try:
+        with pytest.raises(entry_hashes.IndexSlotsExhausted, match="no free slot: 0 runs"):
+            index.catch_up(ledger.store)
+        assert index.indexed_through() == 0 and index.runs() == ()
     finally:
         index.close()
 
@@ -473,3 +481,33 @@ def test_an_index_written_as_one_b_tree_is_dropped_and_built_again_as_runs(ledge
     finally:
         index.close()
     EntryHashIndex(path, map_size_bytes=64 << 20, readonly=True).close()
+
+
+def test_short_of_slots_an_indexing_transaction_merges_past_its_budget_until_a_merge_ends(ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(entry_hashes, "run_slots", 6)
+    monkeypatch.setattr(entry_hashes, "runs_per_level_max", 3)
+    monkeypatch.setattr(entry_hashes, "level_base_entries", 1)
+    monkeypatch.setattr(entry_hashes, "merge_chunk_entries_max", 1)  # a merge of 12 pairs takes 12 ranges
+    monkeypatch.setattr(entry_hashes, "merge_entries_per_pair", 0)  # the budget: one range per transaction
+    ranges: list[int] = []
+    merge_chunk = EntryHashIndex._merge_chunk
+
+    def counted(self, *arguments):
+        ranges[-1] += 1
+        return merge_chunk(self, *arguments)
+
+    monkeypatch.setattr(EntryHashIndex, "_merge_chunk", counted)
+    pairs = logged_records(ledger, records=30, per_record=4)
+    index = EntryHashIndex(tmp_path / "six_slots", map_size_bytes=64 << 20)
+    try:
+        while True:
+            ranges.append(0)
+            if not index.catch_up(ledger.store, entries_max=4):
+                break
+            used = {run.slot for run in index.runs()} | {merge.output_slot for merge in index.merges()}
+            assert len(used) <= 4  # two slots free after every indexing transaction
+        assert max(ranges) > 1  # the budget was overridden
+        assert sorted(every_indexed_pair(index)) == sorted(pairs + logged_pairs(ledger)[:1])
+        assert index.check(ledger.store).consistent
+    finally:
+        index.close()
