@@ -42,13 +42,13 @@ class EntryHashIndexer:
         index: EntryHashIndex,
         store: LedgerStore,
         *,
-        indexed: Callable[[int, int], None],
+        indexed: Callable[[int, int, int], None],
         failed: Callable[[], None],
         fatal: Callable[[str], None],
     ) -> None:
         self._index = index
         self._store = store
-        self._indexed = indexed  # (pairs indexed, index built through)
+        self._indexed = indexed  # (pairs indexed, index built through, runs)
         self._failed = failed
         self._fatal = fatal
         self._wake = threading.Event()
@@ -83,9 +83,10 @@ class EntryHashIndexer:
             try:
                 pairs = self._index.catch_up(self._store, catch_up_entries_max)
                 indexed_through = self._index.indexed_through()
+                runs = len(self._index.runs())
                 if pairs:
-                    logger.debug("entry-hash index: %d pairs, now through index %d", pairs, indexed_through)
-                self._indexed(pairs, indexed_through)
+                    logger.debug("entry-hash index: %d pairs, now through index %d, %d runs", pairs, indexed_through, runs)
+                self._indexed(pairs, indexed_through, runs)
                 if 0 < pairs < catch_up_entries_max:
                     pause = index_interval_seconds  # caught up: let the next transaction gather more
             except StorageCorrupted as error:

@@ -236,6 +236,11 @@ class NodeMetrics:
         self.entry_hash_index_entries = Counter(
             "tonle_entry_hash_index_entries", "Transfers added to the entry-hash lookup index.", registry=registry
         )
+        self.entry_hash_index_runs = Gauge(
+            "tonle_entry_hash_index_runs",
+            "Sorted runs in the entry-hash lookup index: a lookup seeks each; merges keep them under 8 a size class.",
+            registry=registry,
+        )
         self.entry_hash_index_errors = Counter(
             "tonle_entry_hash_index_errors", "Indexing transactions that failed (retried after a pause).", registry=registry
         )

@@ -297,10 +297,11 @@ class LedgerNode:
         self.entry_hashes.close()
         self.store.close()
 
-    def _on_indexed(self, pairs: int, indexed_through: int) -> None:
+    def _on_indexed(self, pairs: int, indexed_through: int, runs: int) -> None:
         """Indexer thread: prometheus-client metrics are thread-safe."""
         self.metrics.entry_hash_index_entries.inc(pairs)
         self.metrics.entry_hash_index_index.set(indexed_through)
+        self.metrics.entry_hash_index_runs.set(runs)
 
     # Applied outcomes (event loop) ------------------------------------------------------------------------
 

@@ -206,8 +206,8 @@ def test_the_indexer_thread_follows_the_apply_and_reports_what_it_indexed(ledger
             time.sleep(0.01)
     finally:
         indexer.close()
-    assert sum(pairs for pairs, _through in reports) == 6  # the fixture's issue and five payments
-    assert reports[-1][1] == ledger.summary().applied_index
+    assert sum(pairs for pairs, _through, _runs in reports) == 6  # the fixture's issue and five payments
+    assert reports[-1][1] == ledger.summary().applied_index and reports[-1][2] == len(index.runs()) > 0
 
 
 def test_the_indexer_counts_a_failed_transaction_and_keeps_running(ledger: Ledger, tmp_path: Path) -> None:
