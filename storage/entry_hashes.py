@@ -38,14 +38,14 @@ catch_up_entries_max = 20_000
 lookup_scan_entries_max = 65_536
 # Layout 1 was one B-tree (`hashes`); an index found in it is dropped and built again from the log.
 index_layout_version = 2
-# The databases that can hold runs. A level holds at most `runs_per_level_max` - 1 runs that wait, as many
-# being merged and the merge's output: 2 x 8 per level, 6 levels (a billion pairs) in 100 slots.
+# The databases that can hold runs. A level (runs of 8**n to 8**(n+1) - 1 pairs) holds at most
+# `runs_per_level_max` - 1 runs that wait; merges of small runs end within the transaction that starts them,
+# so beside those wait at most one large merge's sources and output: 7 x 10 levels (a billion pairs) + 9 in
+# 100 slots, and a shortage makes merges run past their budget.
 run_slots = 100
-# A merge's fan-in: runs of one level are merged when there are this many. Fewer runs per lookup against
-# fewer rewrites of each pair (log base this of the pairs).
+# A merge's fan-in, and the factor between levels: runs of one level are merged when there are this many.
+# Fewer runs per lookup against fewer rewrites of each pair (log base this of the pairs).
 runs_per_level_max = 8
-# Level 0 holds runs under this many pairs x `runs_per_level_max`; level n under that x `runs_per_level_max`**n.
-level_base_entries = 1024
 # A merge is written in ranges of hashes of about this many pairs, one transaction each: the dirty pages
 # LMDB holds in memory until commit stay a few megabytes, and a lookup never waits long for the writer.
 merge_chunk_entries_max = 65_536
@@ -167,8 +167,8 @@ class EntryHashIndex:
     transaction writes its pairs, sorted, as a new run: appended into an empty database, so its pages are
     written once and full. When `runs_per_level_max` runs of about the same size exist, they are merged into
     one, by ranges of hashes, a transaction per range, each written in order the same way. A pair is written
-    once per level it passes through (about log8 of the pairs over `level_base_entries`: 4 at 13 million), a
-    seventieth of a page each time. A lookup seeks every run (up to about 30 at a billion pairs).
+    once per level it passes through (log8 of the pairs over those of the first run: 3 to 4 at 13 million
+    with runs of 7,000), a seventieth of a page each time. A lookup seeks every run (up to about 30 at a billion pairs).
 
     Each run lives in one of `run_slots` LMDB databases, all opened when the index is: handles are shared
     by every thread, and LMDB's `mdb_dbi_open` must not run beside another transaction's. The manifest in
@@ -445,9 +445,12 @@ def _layout(stored: bytes | None) -> int:
 
 
 def _level(entries: int) -> int:
-    """A run's size class: runs of one level are within a factor `runs_per_level_max` of each other."""
+    """A run's size class: level n holds runs of `runs_per_level_max`**n pairs up to the next power. Merging
+    that many runs of one level always yields a run of a higher level, so each merge moves a pair up: with an
+    open-ended lowest level, a slow network's runs (38 pairs per indexing transaction at 19 transfers/s)
+    would merge into one run that every later merge rewrote, adding 7 small runs at a time."""
     level = 0
-    while entries >= level_base_entries * runs_per_level_max ** (level + 1):
+    while entries >= runs_per_level_max ** (level + 1):
         level += 1
     return level
 
