@@ -11,7 +11,7 @@ from typing import Any
 
 import lmdb
 
-from storage.entry_hashes import EntryHashIndex, IndexCheck, IndexSlotsExhausted, catch_up_entries_max
+from storage.entry_hashes import EntryHashIndex, IndexCheck, IndexDamaged, IndexSlotsExhausted, catch_up_entries_max
 from storage.state import LedgerStore, StorageCorrupted
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class EntryHashIndexer:
                 self._indexed(pairs, indexed_through, runs)
                 if 0 < pairs < catch_up_entries_max:
                     pause = index_interval_seconds  # caught up: let the next transaction gather more
+            except IndexDamaged as error:
+                # Derived data: the ledger goes on, lookups fail and say so, the errors counter alerts.
+                self._failed()
+                logger.error("entry-hash indexing failed, retrying in %.0f s: %s", retry_pause_seconds, error)
+                pause = retry_pause_seconds
             except StorageCorrupted as error:
                 # The log is part of the replicated state: a damaged record there is a damaged state.
                 self._fatal(f"entry-hash indexer: {error}")

@@ -50,7 +50,7 @@ runs_per_level_max = 8
 # LMDB holds in memory until commit stay a few megabytes, and a lookup never waits long for the writer.
 merge_chunk_entries_max = 65_536
 # The merging an indexing transaction does, in pairs written per pair indexed: above the number of levels a
-# pair passes through (4 at 13 million pairs, 6 at a billion), so merges keep up with what is indexed.
+# pair passes through (3 to 4 at 13 million pairs with runs of 7,000, 6 at a billion), so merges keep up.
 merge_entries_per_pair = 8
 # Merge ranges split the first two bytes of the hash.
 chunk_prefixes = 1 << 16
@@ -102,6 +102,13 @@ class IndexLayoutOutdated(RuntimeError):
             f"{path} holds an entry-hash index in layout {layout}, not {index_layout_version}: a node started on "
             "this data directory builds it again from the log"
         )
+
+
+class IndexDamaged(StorageCorrupted):
+    """The index's own records are damaged: derived data, so the ledger goes on and lookups say so."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}: stop the node and delete its entry_hashes directory (it is rebuilt from the log)")
 
 
 class IndexSlotsExhausted(RuntimeError):
@@ -168,7 +175,8 @@ class EntryHashIndex:
     written once and full. When `runs_per_level_max` runs of about the same size exist, they are merged into
     one, by ranges of hashes, a transaction per range, each written in order the same way. A pair is written
     once per level it passes through (log8 of the pairs over those of the first run: 3 to 4 at 13 million
-    with runs of 7,000), a seventieth of a page each time. A lookup seeks every run (up to about 30 at a billion pairs).
+    with runs of 7,000), a seventieth of a page each time. A lookup seeks every run: at most 7 a level, 42
+    at a billion pairs with runs of 7,000, and 8 more while a merge is under way.
 
     Each run lives in one of `run_slots` LMDB databases, all opened when the index is: handles are shared
     by every thread, and LMDB's `mdb_dbi_open` must not run beside another transaction's. The manifest in
@@ -250,14 +258,16 @@ class EntryHashIndex:
         try:
             return () if stored is None else tuple(Run(*fields) for fields in unpack(stored))
         except (CodecError, TypeError) as error:
-            raise StorageCorrupted(f"the entry-hash index's run list is damaged ({error}); delete its directory to rebuild it") from error
+            raise IndexDamaged(f"the entry-hash index's run list is damaged ({error})") from error
 
     def _merges(self, transaction: lmdb.Transaction) -> tuple[Merge, ...]:
         stored = transaction.get(_meta_merges, db=self._meta)
         try:
-            return () if stored is None else tuple(Merge(output, tuple(sources), chunks, next_chunk, entries) for output, sources, chunks, next_chunk, entries in unpack(stored))
+            return () if stored is None else tuple(
+                Merge(output, tuple(sources), chunks, next_chunk, entries) for output, sources, chunks, next_chunk, entries in unpack(stored)
+            )
         except (CodecError, TypeError, ValueError) as error:
-            raise StorageCorrupted(f"the entry-hash index's merge list is damaged ({error}); delete its directory to rebuild it") from error
+            raise IndexDamaged(f"the entry-hash index's merge list is damaged ({error})") from error
 
     def _put_manifest(self, transaction: lmdb.Transaction, runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> None:
         transaction.put(_meta_runs, pack([[run.slot, run.level, run.entries] for run in runs]), db=self._meta)

@@ -533,3 +533,21 @@ def test_runs_of_a_pair_or_two_are_merged_level_by_level_so_each_pair_is_rewritt
     assert sum(written) <= total * (1 + levels)
     assert sorted(every_indexed_pair(index)) == sorted(pairs + logged_pairs(ledger)[:1])
     assert index.check(ledger.store).consistent
+
+
+def test_a_damaged_run_list_is_counted_as_an_indexing_failure_not_a_damaged_ledger(ledger: Ledger, index: EntryHashIndex) -> None:
+    index.catch_up(ledger.store)
+    meta = index.environment.open_db(b"meta")
+    with index.environment.begin(write=True) as transaction:
+        transaction.put(b"runs", b"\xc1", db=meta)  # not msgpack
+    ledger.apply(pay(ledger, 500))
+    failures = threading.Semaphore(0)
+    indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *_: None, failed=failures.release, fatal=pytest.fail)
+    indexer.start()
+    try:
+        indexer.wake()
+        assert failures.acquire(timeout=deadline_seconds)
+    finally:
+        indexer.close()
+    with pytest.raises(entry_hashes.IndexDamaged, match="run list is damaged.*delete its entry_hashes directory"):
+        index.ids_with_prefix(b"", 10)
