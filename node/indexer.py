@@ -89,8 +89,9 @@ class EntryHashIndexer:
                 self._indexed(pairs, indexed_through, runs)
                 if 0 < pairs < catch_up_entries_max:
                     pause = index_interval_seconds  # caught up: let the next transaction gather more
-            except IndexDamaged as error:
-                # Derived data: the ledger goes on, lookups fail and say so, the errors counter alerts.
+            except (lmdb.Error, IndexSlotsExhausted, IndexDamaged) as error:
+                # The index's own trouble (IndexDamaged before its base class): derived data, so the ledger goes
+                # on, lookups fail and say so, and the errors counter alerts.
                 self._failed()
                 logger.error("entry-hash indexing failed, retrying in %.0f s: %s", retry_pause_seconds, error)
                 pause = retry_pause_seconds
@@ -98,10 +99,6 @@ class EntryHashIndexer:
                 # The log is part of the replicated state: a damaged record there is a damaged state.
                 self._fatal(f"entry-hash indexer: {error}")
                 return
-            except (lmdb.Error, IndexSlotsExhausted) as error:
-                self._failed()
-                logger.error("entry-hash indexing failed, retrying in %.0f s: %s", retry_pause_seconds, error)
-                pause = retry_pause_seconds
 
 
 def check_index(data_dir: Path) -> IndexCheck:

@@ -473,15 +473,18 @@ def _source_entries(runs: tuple[Run, ...], merge: Merge) -> int:
     return sum(run.entries for run in runs if run.slot in merge.sources)
 
 
+def _used_slots(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> set[int]:
+    return {run.slot for run in runs} | {merge.output_slot for merge in merges}
+
+
 def _free_slot(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> int | None:
-    used = {run.slot for run in runs} | {merge.output_slot for merge in merges}
+    used = _used_slots(runs, merges)
     return next((slot for slot in range(run_slots) if slot not in used), None)
 
 
 def _slots_short(runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> bool:
     """Fewer than two slots free: the next run would take the last, which a merge's output needs."""
-    used = {run.slot for run in runs} | {merge.output_slot for merge in merges}
-    return run_slots - len(used) < 2
+    return run_slots - len(_used_slots(runs, merges)) < 2
 
 
 def _start_due_merges(runs: tuple[Run, ...], merges: tuple[Merge, ...], slots_short: bool = False) -> tuple[Merge, ...]:
