@@ -286,6 +286,7 @@ class _Decoded:
     entry: SignedEntry
     body: Body
     key: bytes
+    position: int  # in the batch: a transfer record points there for the entry's bytes
     signer: InstitutionRecord | None = None
 
 
@@ -328,8 +329,8 @@ class _Context:
     def apply_entries(self, raws: tuple[bytes, ...]) -> tuple[EntryOutcome, ...]:
         outcomes: list[EntryOutcome] = []
         chain: list[_Decoded | EntryOutcome] = []
-        for raw in raws:
-            decoded = self._decode(raw)
+        for position, raw in enumerate(raws):
+            decoded = self._decode(raw, position)
             linked = isinstance(decoded, _Decoded) and isinstance(decoded.body, Transfer) and bool(decoded.body.flags & _linked)
             if chain or linked:
                 chain.append(decoded)
@@ -342,18 +343,18 @@ class _Context:
             outcomes.extend(self._apply_chain(chain, closed=False))
         return tuple(outcomes)
 
-    def _decode(self, raw: bytes) -> _Decoded | EntryOutcome:
+    def _decode(self, raw: bytes, position: int) -> _Decoded | EntryOutcome:
         if self.decoded is not None:
             remembered = self.decoded(raw)
             if remembered is not None:
                 entry, body = remembered
-                return _Decoded(entry, body, entry_key(entry, body))
+                return _Decoded(entry, body, entry_key(entry, body), position)
         try:
             entry = decode_entry(raw)
             body = entry.body()
         except EntryError as error:
             return EntryOutcome(None, error.code)
-        return _Decoded(entry, body, entry_key(entry, body))
+        return _Decoded(entry, body, entry_key(entry, body), position)
 
     def _authenticate(self, decoded: _Decoded) -> None:
         if decoded.entry.cluster_id != self.cluster_id:
@@ -455,7 +456,9 @@ class _Context:
                 self.transaction, encode_leaf_data(decoded.entry.raw, result, self.index, self.cluster_time_ms), leaf_index
             )
             self.tree_size += 1
-        record = TransferRecord(int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount, leaf_index)
+        record = TransferRecord(
+            int(decoded.entry.kind), decoded.entry.raw, result, self.index, self.cluster_time_ms, amount, leaf_index, decoded.position
+        )
         put_transfer(self.transaction, body.id, record)  # type: ignore[union-attr]
         self.entry_hashes.append(log_pair(decoded.entry.raw, body.id))  # type: ignore[union-attr]
         if isinstance(body, Transfer) and body.reference:

@@ -13,7 +13,9 @@ import lmdb
 
 # 2: history appended in apply order and linked per account, with per-account checkpoints (was keyed by account).
 # 3: the entry-hash index left the state for its own environment; the state keeps an append-only hash_log.
-schema_version = 3
+# 4: a transfer record points at its entry in the archived batch instead of holding a copy; receipt-tree
+#    subtrees are keyed by last leaf, then level, so they are written in key order.
+schema_version = 4
 
 # Named databases. `meta` holds bookkeeping that is not part of the replicated state hash.
 _state_database_names = (

@@ -8,10 +8,19 @@ from consensus import merkle
 from storage.state import StateTransaction, StorageCorrupted
 
 _database = "tree"
-# Node keys are `u8 level || u64 index`; levels stop at 64, so a key starting 0xff is never a node.
-_size_key = b"\xffsize"
-_node_key = struct.Struct(">BQ")
+# A subtree's key is the index of its last leaf, then its level (`u64 || u8`). Appending leaf n creates
+# (n, 0), (n, 1), ... so every key written sorts after every key before it, and LMDB, which splits a page
+# at its end only when the new key goes last, fills each page before starting the next. Layout 3 keyed
+# subtrees by (level, index) and kept the size record last (`\xffsize`): every insert landed in front of
+# another key, every page split in half and stayed half full. The size record's one-byte key sorts before
+# every nine-byte node key.
+_size_key = b"\x00"
+_node_key_struct = struct.Struct(">QB")
 _u64 = struct.Struct(">Q")
+
+
+def _node_key(level: int, index: int) -> bytes:
+    return _node_key_struct.pack(((index + 1) << level) - 1, level)
 
 
 class _TransactionSubtrees:
@@ -29,7 +38,7 @@ class _TransactionSubtrees:
         return _u64.unpack(payload)[0]
 
     def subtree_hash(self, level: int, index: int) -> bytes:
-        payload = self._transaction.get(_database, _node_key.pack(level, index))
+        payload = self._transaction.get(_database, _node_key(level, index))
         # The size record says which subtrees exist: a missing or short one means the data file is damaged.
         if payload is None or len(payload) != merkle.hash_bytes:
             raise StorageCorrupted(f"tree subtree ({level}, {index}) is missing or damaged")
@@ -57,7 +66,7 @@ def append_leaf_at(transaction: StateTransaction, leaf_data: bytes, size: int) -
     many leaves per batch and writes the size once (`write_size`), saving a read and a write per leaf."""
     created = merkle.appended_subtrees(_KnownSize(transaction, size), merkle.leaf_hash(leaf_data))
     for level, index, value in created:
-        transaction.insert(_database, _node_key.pack(level, index), value)
+        transaction.insert(_database, _node_key(level, index), value)
     return created[0][1]
 
 

@@ -195,3 +195,24 @@ def test_a_flipped_bit_in_a_stored_balance_is_detected_on_read(ledger):
         raw.put(key, bytes(stored), db=database)
     with pytest.raises(StorageCorrupted, match="checksum"):
         ledger.net("sokha@aba")
+
+
+def test_a_transfer_record_points_at_its_entry_in_the_archived_batch_instead_of_copying_it(ledger, network):
+    sign = network.sign
+    first = sign(Transfer(tid(20), "sokha@aba", "dara@acleda", 100, "KHR"), "aba")
+    second = sign(Transfer(tid(21), "sokha@aba", "dara@acleda", 200, "KHR", reference="invoice-21"), "aba")
+    assert ledger.results(first, second) == ["ok", "ok"]
+    with ledger.store.environment.begin() as raw:
+        stored = raw.get(tid(21), db=ledger.store.databases["transfers"])
+    assert len(stored) < len(second) // 2  # kind, position, result, index, time, amount, leaf, and the seal
+    assert ledger.transfer(tid(20))["entry"] == first
+    assert ledger.transfer(tid(21))["entry"] == second
+    assert ledger.results(second) == ["exists"]  # a retry is compared with the archived bytes
+
+
+def test_a_transfer_record_whose_archived_batch_is_gone_is_reported_as_corruption(ledger, network):
+    assert ledger.results(network.sign(Transfer(tid(30), "sokha@aba", "dara@acleda", 100, "KHR"), "aba")) == ["ok"]
+    with ledger.store.environment.begin(write=True) as raw:
+        assert raw.delete(ledger.index.to_bytes(8, "big"), db=ledger.store.databases["archive"])
+    with pytest.raises(StorageCorrupted, match="archive record"):
+        ledger.transfer(tid(30))

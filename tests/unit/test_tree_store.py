@@ -95,20 +95,34 @@ def test_an_aborted_transaction_leaves_no_leaf_behind(tmp_path):
 def test_a_full_tree_refuses_another_leaf_and_writes_nothing(tmp_path):
     store = open_store(tmp_path)
     with store.write() as transaction:
-        transaction.put("tree", b"\xffsize", struct.pack(">Q", merkle.tree_size_max))
+        tree.write_size(transaction, merkle.tree_size_max)
     with pytest.raises(merkle.TreeFull):
         with store.write() as transaction:
             tree.append_leaf(transaction, b"one too many")
     with store.read() as transaction:
         assert tree.tree_size(transaction) == merkle.tree_size_max
-        assert [key for key, _ in transaction.items("tree")] == [b"\xffsize"]
+        assert len(list(transaction.items("tree"))) == 1  # the size record alone
+
+
+def test_subtrees_are_written_in_key_order_so_the_tree_pages_fill(tmp_path):
+    """Each transaction's subtrees sort after every record before them, so LMDB splits pages at their end and
+    leaves them full. Keyed by (level, index) with the size record last (layout 3), each insert landed in
+    front of another key, pages split in half, and this tree took 233 leaf pages where full ones need 116."""
+    store = open_store(tmp_path)
+    append_batches(store, [[number.to_bytes(4, "big") for number in range(start, start + 20)] for start in range(0, 4000, 20)])
+    with store.environment.begin() as raw:
+        statistics = raw.stat(store.databases["tree"])
+    record_bytes = 9 + 32 + 8 + 8 + 2  # key, hash, seal, LMDB node header, page slot
+    full_pages = statistics["entries"] * record_bytes / (4096 - 16)
+    assert statistics["entries"] == 2 * 4000 - bin(4000).count("1") + 1  # complete subtrees, and the size
+    assert statistics["leaf_pages"] <= full_pages / 0.9
 
 
 def test_a_missing_subtree_record_is_reported_as_corruption(tmp_path):
     store = open_store(tmp_path)
     append_batches(store, [[b"a", b"b", b"c"]])
     with store.environment.begin(write=True) as raw:
-        assert raw.delete(struct.pack(">BQ", 1, 0), db=store.databases["tree"])
+        assert raw.delete(struct.pack(">QB", 1, 1), db=store.databases["tree"])  # (level 1, index 0) ends at leaf 1
     with store.read() as transaction:
         with pytest.raises(StorageCorrupted, match=r"subtree \(1, 0\)"):
             tree.root(transaction)
@@ -117,7 +131,7 @@ def test_a_missing_subtree_record_is_reported_as_corruption(tmp_path):
 def test_a_flipped_bit_in_a_subtree_hash_is_caught_by_the_record_checksum(tmp_path):
     store = open_store(tmp_path)
     append_batches(store, [[b"a", b"b"]])
-    key = struct.pack(">BQ", 0, 1)
+    key = struct.pack(">QB", 1, 0)  # leaf 1: last leaf 1, level 0
     with store.environment.begin(write=True) as raw:
         stored = bytearray(raw.get(key, db=store.databases["tree"]))
         stored[0] ^= 0x01
