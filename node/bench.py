@@ -339,6 +339,7 @@ def receipt_cost(directory: Path) -> dict[str, float]:
                     apply_batch(transaction, index, encode_batch(Batch(1, None, tuple(setup[start : start + 250]))), lambda _: True, genesis.cluster_id)
             cpu = 0.0
             written_before = _bytes_written()
+            pages_before = store.environment.info()["last_pgno"]
             for start in range(0, len(transfers), 250):
                 index += 1
                 raw = encode_batch(Batch(2 + start, None, tuple(transfers[start : start + 250])))
@@ -348,10 +349,13 @@ def receipt_cost(directory: Path) -> dict[str, float]:
                 cpu += time.process_time() - began
             if receipts:
                 results["bytes_written"] = (_bytes_written() - written_before) / len(transfers)
+                # How far the data file grew: freed pages are reused first, so this is what the state keeps.
+                grown_pages = store.environment.info()["last_pgno"] - pages_before
+                results["state_bytes"] = grown_pages * store.environment.stat()["psize"] / len(transfers)
             store.close()
             results["with" if receipts else "without"] = cpu / len(transfers)
     return {"apply_cpu_seconds_with_receipts": results["with"], "apply_cpu_seconds_without_receipts": results["without"],
-            "apply_bytes_written_per_transfer": results["bytes_written"]}
+            "apply_bytes_written_per_transfer": results["bytes_written"], "state_bytes_per_transfer": results["state_bytes"]}
 
 
 def _bytes_written() -> int:
@@ -432,6 +436,7 @@ def run_bench(directory: Path, *, validators: int, duration_seconds: float, acco
     }
     # Dirty LMDB pages a transfer costs one node: what its fsync writes, and what grows with the state.
     document["apply_bytes_written_per_transfer"] = round(costs["apply_bytes_written_per_transfer"])
+    document["state_bytes_per_transfer"] = round(costs["state_bytes_per_transfer"])
     return document
 
 
@@ -448,8 +453,9 @@ def render(document: dict[str, Any]) -> str:
          f"{document['ratio_to_signature_ceiling']:.0%} of signatures, {document['ratio_to_raft_ceiling']:.0%} of raft"),
         ("node CPU per committed transfer", f"{document['node_cpu_microseconds_per_transfer']:,.0f} us", "all nodes together"),
         ("  by thread (user + system)", "", _by_thread(document["node_cpu_microseconds_per_transfer_by_thread"])),
-        ("apply: bytes written per transfer", f"{document['apply_bytes_written_per_transfer']:,.0f} B", "one node, in-process"),
         ("receipts' share of that cost", f"{document['receipts']['share_of_cost_per_committed_transfer']:.1%}", ""),
+        ("apply: bytes written per transfer", f"{document['apply_bytes_written_per_transfer']:,.0f} B", "one node, in-process"),
+        ("state file growth per transfer", f"{document['state_bytes_per_transfer']:,.0f} B", "the same transfers"),
         ("entry-hash index behind the apply", f"{document['entry_hash_index_lag_entries']:,}", "Raft entries, at the end of the peak, most of any node"),
     ]
     for level, figures in document["latency_ms"].items():

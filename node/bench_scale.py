@@ -33,7 +33,7 @@ from node.cluster import LocalCluster, local_raft
 from node.load import Progress
 from storage.entry_hashes import EntryHashIndex, index_databases_max, run_database_names
 from storage.rules import apply_batch, genesis_applied_index, initialize
-from storage.state import LedgerStore
+from storage.state import LedgerStore, schema_version
 
 # The offline build applies batches of this many entries, as a busy leader would propose them.
 build_batch_entries = 250
@@ -237,10 +237,15 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
             raise FileExistsError(f"{directory} holds a state of another size; remove it or use another --dir")
         cluster = LocalCluster.load(directory)
         held = _recorded_transfers(cluster.nodes[cluster.validators()[0]].data_dir)
-        if held <= (transfers + accounts) * (1 + kept_state_growth_max):  # built: the transfers and a funding each
+        built_layout = record.get("layout", 3)  # layout 3 was the last one built before the record said
+        if built_layout != schema_version:
+            print(f"{directory} holds a state in layout {built_layout}; nodes of this version read layout "
+                  f"{schema_version}: building it again", file=sys.stderr)
+        elif held <= (transfers + accounts) * (1 + kept_state_growth_max):  # built: the transfers and a funding each
             return record
-        print(f"{directory} holds {held:,} transfers, more than {kept_state_growth_max:.0%} over what was built: "
-              "building it again", file=sys.stderr)
+        else:
+            print(f"{directory} holds {held:,} transfers, more than {kept_state_growth_max:.0%} over what was built: "
+                  "building it again", file=sys.stderr)
         shutil.rmtree(directory)
     estimate_bytes = (accounts * 2 + transfers) * 1600 + (1 << 30)
     cluster = LocalCluster.create(
@@ -252,6 +257,7 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
     print(f"building a state of {accounts:,} accounts and {transfers:,} transfers with the apply", file=sys.stderr)
     applied_index = build_state(cluster, built, accounts=accounts, transfers=transfers, map_size_bytes=estimate_bytes)
     record = {
+        "layout": schema_version,
         "accounts": accounts,
         "preloaded_transfers": transfers,
         "applied_index": applied_index,
