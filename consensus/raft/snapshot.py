@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from consensus.codec import CodecError, is_integer, pack, unpack
-from storage.state import LedgerStore, StateTransaction, StorageCorrupted
+from storage.state import LedgerStore, StateTransaction, StorageCorrupted, schema_version
 
 snapshot_magic = b"TONLESNP"
 # Version 1 put the image's length before the image; version 2 puts it after, so a writer can stream the
@@ -270,6 +270,13 @@ def install_snapshot(path: Path, header: SnapshotHeader, image_offset: int, imag
                     raise StorageCorrupted("snapshot's recorded state hash is not the one its header claims")
                 if transaction.applied_index() != header.applied_index:
                     raise StorageCorrupted("snapshot state is not at the index its header claims")
+                # A leader of another version may send a state this code would misread record by record.
+                layout = transaction.stored_schema_version()
+                if layout != schema_version:
+                    raise SnapshotError(
+                        f"snapshot state is in layout {layout}; this node reads layout {schema_version}: "
+                        "every node of a network must run a version with the same state layout"
+                    )
         finally:
             image.close()
 

@@ -24,7 +24,7 @@ from consensus.raft.snapshot import (
 )
 from storage import queries
 from storage.rules import apply_batch, initialize
-from storage.state import LedgerStore, StorageCorrupted
+from storage.state import LedgerStore, StorageCorrupted, schema_version
 from tests.ledger_fixtures import batch, make_network
 
 
@@ -129,6 +129,21 @@ def test_a_snapshot_whose_records_do_not_match_its_claimed_hash_installs_nothing
     with pytest.raises(StorageCorrupted):
         restore_from_snapshot(tmp_path / "lying.bin", target, network.genesis.cluster_id)
     assert target.summary() == before
+
+
+def test_a_snapshot_of_a_state_in_another_layout_installs_nothing(tmp_path, network):
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 5)
+    with source.write() as transaction:
+        transaction.put_unhashed("meta", b"schema_version", struct.pack(">Q", schema_version - 1))
+    snapshot_of(source, tmp_path / "older-version.bin", network)
+    target = new_store(tmp_path / "b", network)
+    before = target.summary()
+    with pytest.raises(SnapshotError, match=f"layout {schema_version - 1}; this node reads layout {schema_version}"):
+        restore_from_snapshot(tmp_path / "older-version.bin", target, network.genesis.cluster_id)
+    assert target.summary() == before
+    with target.read() as transaction:
+        assert transaction.stored_schema_version() == schema_version
 
 
 def test_a_snapshot_as_of_a_read_transaction_holds_that_state_while_the_apply_goes_on(tmp_path, network):
