@@ -219,8 +219,13 @@ class _BackgroundSnapshots(Serializer):
 
     def setTransmissionData(self, data):  # noqa: N802 - pysyncobj's name
         self.wait_for_write(None)
-        if data is None or not data[2]:
+        if data is None:
             return super().setTransmissionData(data)
+        if not data[2]:
+            received = super().setTransmissionData(data)
+            if self._Serializer__incomingTransmissionFile is None:
+                self._drop_partial_receive()
+            return received
         # The last chunk. pysyncobj writes it and renames the received file over our own snapshot in one step;
         # here the complete file is judged first, so one older than ours never replaces it (RaftNode's
         # _turns_down_received_snapshot). Turned down, it is dropped and pysyncobj neither loads nor answers it.
@@ -228,6 +233,7 @@ class _BackgroundSnapshots(Serializer):
         super().setTransmissionData((chunk, is_first, False))
         incoming = self._Serializer__incomingTransmissionFile  # pysyncobj's open file; None if writing failed
         if incoming is None:
+            self._drop_partial_receive()
             return False
         incoming.flush()
         received = Path(self._file_name + ".1.tmp")  # pysyncobj's name for it
@@ -237,6 +243,14 @@ class _BackgroundSnapshots(Serializer):
             received.unlink(missing_ok=True)
             return False
         return super().setTransmissionData((b"", False, True))
+
+    def _drop_partial_receive(self) -> None:
+        """pysyncobj forgets a received file it failed to write (a full disk) but leaves it on disk, holding
+        space until the next snapshot arrives, on a disk that has none; no transmission is under way then."""
+        try:
+            Path(self._file_name + ".1.tmp").unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning("could not remove a partly received snapshot: %s", error)
 
     def wait_for_write(self, timeout_seconds: float | None) -> bool:
         """Wait for a snapshot being written; False if it is still being written after `timeout_seconds`."""

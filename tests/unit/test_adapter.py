@@ -622,3 +622,34 @@ def test_a_node_starting_on_a_snapshot_reads_it_once(network, node_keys, monkeyp
     nodes[number] = restarted  # the fixture destroys it
     _wait(lambda: "ignoring snapshot" in caplog.text, "pysyncobj to load the snapshot (older than the state)")
     assert reads == [follower._snapshot_path], reads
+
+
+class _FullDiskFile:
+    """Stands in for pysyncobj's open file of a received snapshot when the disk fills: every write fails."""
+
+    def write(self, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_received_snapshot_that_cannot_be_written_leaves_no_partial_file(tmp_path):
+    """pysyncobj drops its file object after a failed write but leaves the file, which held disk space on a
+    full disk until the next snapshot arrived."""
+    snapshots = adapter_module._BackgroundSnapshots(
+        lambda file_name, data: None, str(tmp_path / "snapshot.bin"), 1 << 16, lambda file_name: None, lambda path: False
+    )
+    partial = tmp_path / "snapshot.bin.1.tmp"
+    assert snapshots.setTransmissionData((b"first chunk", True, False)) is False
+    snapshots._Serializer__incomingTransmissionFile.close()
+    assert partial.read_bytes() == b"first chunk"
+    snapshots._Serializer__incomingTransmissionFile = _FullDiskFile()
+    assert snapshots.setTransmissionData((b"second chunk", False, False)) is False
+    assert not partial.exists()
+    assert snapshots.setTransmissionData((b"last chunk", False, True)) is False
+    assert not partial.exists() and not (tmp_path / "snapshot.bin").exists()
+    # The next transmission starts afresh and lands.
+    assert snapshots.setTransmissionData((b"whole", True, False)) is False
+    assert snapshots.setTransmissionData((b" snapshot", False, True)) is True
+    assert (tmp_path / "snapshot.bin").read_bytes() == b"whole snapshot" and not partial.exists()
