@@ -11,6 +11,7 @@ from typing import Any
 
 import lmdb
 
+from consensus.raft.adapter import full_disk_hint
 from storage.entry_hashes import EntryHashIndex, IndexCheck, IndexDamaged, IndexSlotsExhausted, catch_up_entries_max
 from storage.state import LedgerStore, StorageCorrupted
 
@@ -93,7 +94,8 @@ class EntryHashIndexer:
                 # The index's own trouble (IndexDamaged before its base class): derived data, so the ledger goes
                 # on, lookups fail and say so, and the errors counter alerts.
                 self._failed()
-                logger.error("entry-hash indexing failed, retrying in %.0f s: %s", retry_pause_seconds, error)
+                hint = full_disk_hint(self._index.path, error, remedy="free space; indexing resumes on its own")
+                logger.error("entry-hash indexing failed, retrying in %.0f s: %s%s", retry_pause_seconds, error, hint)
                 pause = retry_pause_seconds
             except StorageCorrupted as error:
                 # The log is part of the replicated state: a damaged record there is a damaged state.

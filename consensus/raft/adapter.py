@@ -826,7 +826,7 @@ class RaftNode:
 full_disk_free_bytes_max = 1 << 20
 
 
-def full_disk_hint(path: Path, error: BaseException) -> str:
+def full_disk_hint(path: Path, error: BaseException, remedy: str = "free space, then restart") -> str:
     """For an I/O error on a file system that is (nearly) full, what to tell the operator: LMDB reports a write
     the full disk cut short as EIO, which reads like failing hardware. Empty for any other error."""
     if not ("Input/output error" in str(error) or (isinstance(error, OSError) and error.errno == errno.EIO)):
@@ -839,7 +839,7 @@ def full_disk_hint(path: Path, error: BaseException) -> str:
     if free_bytes >= full_disk_free_bytes_max:
         return ""
     return (f"; the file system holding {path} has {free_bytes} bytes free: most likely a write cut short by a "
-            "full disk (No space left on device), which LMDB reports as an I/O error; free space, then restart")
+            f"full disk (No space left on device), which LMDB reports as an I/O error; {remedy}")
 
 
 def _fail_reason_name(code) -> str:

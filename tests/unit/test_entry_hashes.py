@@ -231,6 +231,35 @@ def test_the_indexer_counts_a_failed_transaction_and_keeps_running(ledger: Ledge
         tiny.close()
 
 
+def test_an_indexing_io_error_on_a_full_file_system_is_logged_as_a_full_disk(
+    ledger: Ledger, index: EntryHashIndex, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LMDB reports a write a full disk cut short as EIO; the indexer's log line says what it most likely is."""
+    from consensus.raft import adapter
+
+    class FullFileSystem:
+        f_frsize = 4096
+        f_bavail = 0
+
+    def cut_short(*_arguments, **_options) -> int:
+        raise lmdb.Error("mdb_txn_commit: Input/output error")
+
+    monkeypatch.setattr(adapter.os, "statvfs", lambda path: FullFileSystem)
+    monkeypatch.setattr(index, "catch_up", cut_short)
+    ledger.apply(pay(ledger, 4000))
+    failures = threading.Semaphore(0)
+    indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *_: None, failed=failures.release, fatal=pytest.fail)
+    with caplog.at_level("ERROR", logger="node.indexer"):
+        indexer.start()
+        try:
+            indexer.wake()
+            assert failures.acquire(timeout=deadline_seconds)
+        finally:
+            indexer.close()
+    line = next(record.getMessage() for record in caplog.records if "indexing failed" in record.getMessage())
+    assert "Input/output error" in line and "No space left on device" in line and "resumes on its own" in line
+
+
 def test_catch_up_entries_max_is_a_transaction_size_not_a_cap_on_what_is_indexed(ledger: Ledger, index: EntryHashIndex) -> None:
     ledger.apply(*[pay(ledger, number) for number in range(2000, 2010)])
     ledger.apply(*[pay(ledger, number) for number in range(2010, 2020)])
