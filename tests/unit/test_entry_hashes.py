@@ -63,6 +63,18 @@ def ids(ledger: Ledger, index: EntryHashIndex | None, prefix: bytes, limit: int 
         return transfer_ids_with_hash_prefix(transaction, index, prefix, limit)
 
 
+def run_indexer_until_it_fails_once(index: EntryHashIndex, ledger: Ledger) -> None:
+    """Start an indexer over `index`, wake it, and stop it once it has counted a failed indexing transaction."""
+    failures = threading.Semaphore(0)
+    indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *_: None, failed=failures.release, fatal=pytest.fail)
+    indexer.start()
+    try:
+        indexer.wake()
+        assert failures.acquire(timeout=deadline_seconds)
+    finally:
+        indexer.close()
+
+
 def logged_pairs(ledger: Ledger) -> list[bytes]:
     with ledger.store.read() as transaction:
         logged = b"".join(pairs for _key, pairs in transaction.items(entry_hashes.hash_log_database))
@@ -247,15 +259,8 @@ def test_an_indexing_io_error_on_a_full_file_system_is_logged_as_a_full_disk(
     monkeypatch.setattr(adapter.os, "statvfs", lambda path: FullFileSystem)
     monkeypatch.setattr(index, "catch_up", cut_short)
     ledger.apply(pay(ledger, 4000))
-    failures = threading.Semaphore(0)
-    indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *_: None, failed=failures.release, fatal=pytest.fail)
     with caplog.at_level("ERROR", logger="node.indexer"):
-        indexer.start()
-        try:
-            indexer.wake()
-            assert failures.acquire(timeout=deadline_seconds)
-        finally:
-            indexer.close()
+        run_indexer_until_it_fails_once(index, ledger)
     line = next(record.getMessage() for record in caplog.records if "indexing failed" in record.getMessage())
     assert "Input/output error" in line and "No space left on device" in line and "resumes on its own" in line
 
@@ -570,13 +575,6 @@ def test_a_damaged_run_list_is_counted_as_an_indexing_failure_not_a_damaged_ledg
     with index.environment.begin(write=True) as transaction:
         transaction.put(b"runs", b"\xc1", db=meta)  # not msgpack
     ledger.apply(pay(ledger, 500))
-    failures = threading.Semaphore(0)
-    indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *_: None, failed=failures.release, fatal=pytest.fail)
-    indexer.start()
-    try:
-        indexer.wake()
-        assert failures.acquire(timeout=deadline_seconds)
-    finally:
-        indexer.close()
+    run_indexer_until_it_fails_once(index, ledger)
     with pytest.raises(entry_hashes.IndexDamaged, match="run list is damaged.*delete its entry_hashes directory"):
         index.ids_with_prefix(b"", 10)
