@@ -177,6 +177,7 @@ class _BackgroundSnapshots(Serializer):
         self._write = write
         self._turn_down = turn_down
         self._file_name = file_name
+        self._received_path = Path(file_name + ".1.tmp")  # where pysyncobj writes a snapshot it receives
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._written: bool | None = None  # None while the writer runs
@@ -236,19 +237,19 @@ class _BackgroundSnapshots(Serializer):
             self._drop_partial_receive()
             return False
         incoming.flush()
-        received = Path(self._file_name + ".1.tmp")  # pysyncobj's name for it
-        if self._turn_down(received):
+        if self._turn_down(self._received_path):
             incoming.close()
             self._Serializer__incomingTransmissionFile = None
-            received.unlink(missing_ok=True)
+            self._drop_partial_receive()
             return False
         return super().setTransmissionData((b"", False, True))
 
     def _drop_partial_receive(self) -> None:
-        """pysyncobj forgets a received file it failed to write (a full disk) but leaves it on disk, holding
-        space until the next snapshot arrives, on a disk that has none; no transmission is under way then."""
+        """Delete the received file once no transmission is under way: one turned down, or one pysyncobj
+        failed to write (a full disk) and forgot while leaving it on disk, holding space until the next
+        snapshot arrives, on a disk that has none."""
         try:
-            Path(self._file_name + ".1.tmp").unlink(missing_ok=True)
+            self._received_path.unlink(missing_ok=True)
         except OSError as error:
             logger.warning("could not remove a partly received snapshot: %s", error)
 
