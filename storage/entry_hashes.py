@@ -362,14 +362,18 @@ class EntryHashIndex:
                 merges = _start_due_merges(runs, merges, _slots_short(runs, merges))
                 # A small merge is a step away from freeing its slots; a large one waits for the leftover budget.
                 merge = min(merges, key=lambda candidate: (_level(_source_entries(runs, candidate)), candidate.output_slot))
-                written += self._merge_chunk(transaction, merge, runs, merges)
-                slots_short = _slots_short(self._runs(transaction), self._merges(transaction))
+                chunk_entries, runs, merges = self._merge_chunk(transaction, merge, runs, merges)
+                written += chunk_entries
+                slots_short = _slots_short(runs, merges)
             if written >= entries_budget and not slots_short:
                 return written
 
-    def _merge_chunk(self, transaction: lmdb.Transaction, merge: Merge, runs: tuple[Run, ...], merges: tuple[Merge, ...]) -> int:
+    def _merge_chunk(
+        self, transaction: lmdb.Transaction, merge: Merge, runs: tuple[Run, ...], merges: tuple[Merge, ...]
+    ) -> tuple[int, tuple[Run, ...], tuple[Merge, ...]]:
         """Merge the sources' pairs in the merge's next range of hashes into its output; the last range ends
-        the merge: the output becomes a run and the sources' slots are emptied, in this transaction."""
+        the merge: the output becomes a run and the sources' slots are emptied, in this transaction. Returns
+        the pairs written and the manifest (runs, merges) it wrote."""
         low = _chunk_bound(merge.next_chunk, merge.chunks)
         high = _chunk_bound(merge.next_chunk + 1, merge.chunks) if merge.next_chunk + 1 < merge.chunks else None
         pairs: list[bytes] = []
@@ -385,13 +389,14 @@ class EntryHashIndex:
         progressed = replace(merge, next_chunk=merge.next_chunk + 1, entries=merge.entries + len(pairs))
         others = tuple(other for other in merges if other.output_slot != merge.output_slot)
         if progressed.next_chunk < progressed.chunks:
-            self._put_manifest(transaction, runs, others + (progressed,))
+            merges = others + (progressed,)
         else:
             for slot in merge.sources:
                 transaction.drop(self._slots[slot], delete=False)
-            kept = tuple(run for run in runs if run.slot not in merge.sources)
-            self._put_manifest(transaction, kept + (Run(merge.output_slot, progressed.entries),), others)
-        return len(pairs)
+            runs = tuple(run for run in runs if run.slot not in merge.sources) + (Run(merge.output_slot, progressed.entries),)
+            merges = others
+        self._put_manifest(transaction, runs, merges)
+        return len(pairs), runs, merges
 
     def check(self, store: LedgerStore, examples_max: int = 10) -> IndexCheck:
         """Compare the index with the state's log: each logged pair looked up in the runs, largest first
