@@ -280,9 +280,13 @@ def test_a_restarted_node_replays_its_log_without_applying_anything_twice(cluste
     cluster.stop([follower])
     cluster.start([follower])
     after = cluster.wait_converged()
-    # The leader may have proposed empty housekeeping batches meanwhile (tree heads), never transfers.
+    # The leader may have proposed empty housekeeping batches meanwhile (tree heads), never transfers, and
+    # each moves every node's state hash: the follower's state is then checked against the nodes that applied
+    # those batches once (CI saw a restart span three of them).
     assert after[follower]["applied_index"] >= before[follower]["applied_index"]
-    assert after[follower]["state_hash"] == before[follower]["state_hash"]
+    assert {status["state_hash"] for status in after.values()} == {after[follower]["state_hash"]}
+    if after[follower]["applied_index"] == before[follower]["applied_index"]:
+        assert after[follower]["state_hash"] == before[follower]["state_hash"]
     # Everything in its journal was already in LMDB: the replay applied no entry.
     assert _metric(cluster, follower, "tonle_entries_applied_total") == 0
 
