@@ -496,6 +496,9 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
                             "one holding --accounts accounts and as many transfers per account, each measured twice (small, large, large, small); --duration is per measurement")
     bench.add_argument("--scale-accounts", type=positive, default=1_000_000)
     bench.add_argument("--scale-transfers", type=positive, default=10_000_000)
+    bench.add_argument("--node-memory-limit-bytes", type=positive,
+                       help="with --scale: run every node in a memory cgroup with this limit (heap and page cache, "
+                            "as systemd's MemoryMax=); needs root and a memory controller")
     bench.set_defaults(handler=command_bench)
 
 
@@ -508,7 +511,7 @@ def _command_scale(arguments: argparse.Namespace, seed: int) -> int:
         document = run_scale(
             directory, small_accounts=arguments.accounts, small_transfers=arguments.accounts * per_account,
             large_accounts=arguments.scale_accounts, large_transfers=arguments.scale_transfers,
-            seconds=arguments.duration, seed=seed,
+            seconds=arguments.duration, seed=seed, memory_limit_bytes=arguments.node_memory_limit_bytes,
         )
     print(render_scale(document), file=sys.stderr if arguments.output == "json" else sys.stdout)
     if arguments.output == "json":

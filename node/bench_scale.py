@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from consensus.raft.snapshot import SnapshotHeader, write_snapshot
 from node import bench
 from node.cluster import LocalCluster, local_raft
 from node.load import Progress
+from node.memory_limit import MemoryCgroup, drop_from_page_cache
 from storage.entry_hashes import EntryHashIndex, index_databases_max, run_database_names
 from storage.rules import apply_batch, genesis_applied_index, initialize
 from storage.state import LedgerStore, schema_version
@@ -272,6 +274,8 @@ def prepare(directory: Path, *, accounts: int, transfers: int) -> dict[str, Any]
 # A node that is behind replays its missing entries before it reports ready; with a state of many GiB
 # that can take minutes.
 start_seconds_max = 900
+# Reading a large state's randomly written databases into the page cache, per node.
+warm_seconds_max = 1800
 
 # Written at random places by every transfer: accounts by name in the state. The rest of the state, history
 # and the hash log included, is appended to or read near its end; the entry-hash index's runs are written in
@@ -354,8 +358,10 @@ def disk_writes(device: str) -> tuple[int, int]:
     raise LookupError(f"{device} is not in /proc/diskstats")
 
 
-def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, seed: int, warm: bool = True) -> dict[str, Any]:
-    """Start a prepared network, load it closed-loop for `seconds`; what it committed and what its nodes hold."""
+def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, seed: int, warm: bool = True,
+            memory_limit_bytes: int | None = None) -> dict[str, Any]:
+    """Start a prepared network, load it closed-loop for `seconds`; what it committed and what its nodes hold.
+    With `memory_limit_bytes`, every node runs in its own memory cgroup with that limit."""
     document: dict[str, Any] = dict(prepare(directory, accounts=accounts, transfers=transfers))
     cluster = LocalCluster.load(directory)
     # Every run adds its transfers to the kept state: report what this run starts from, not what was built.
@@ -363,15 +369,45 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
     document["state_bytes"] = (first / "state" / "data.mdb").stat().st_size
     document["transfers_at_start"] = _recorded_transfers(first)
     document["page_cache_warmed"] = warm
-    if warm:
-        # Before the nodes start: a node that is behind catches up at the speed of its page cache.
-        print("reading the randomly written databases of every node into the page cache", file=sys.stderr)
-        document["warm_seconds"] = round(sum(warm_page_cache(cluster.nodes[name].data_dir) for name in cluster.validators()), 1)
-    device = block_device(first)
-    if device is not None:
-        print(f"measuring random page writes on {device}, the nodes' disk", file=sys.stderr)
-        document["disk_page_writes_per_second"] = round(random_page_writes_per_second(first, len(cluster.validators())))
-    cluster.start()
+    cgroups: dict[str, MemoryCgroup] = {}
+    try:
+        if memory_limit_bytes is not None:
+            for name, node in cluster.nodes.items():
+                cgroups[name] = MemoryCgroup.create(name, memory_limit_bytes)
+                # Pages the build and the copies left in the page cache are charged to this process: a node
+                # mapping them would hold memory its limit never sees.
+                drop_from_page_cache(node.data_dir)
+        if warm:
+            # Before the nodes start: a node that is behind catches up at the speed of its page cache.
+            print("reading the randomly written databases of every node into the page cache", file=sys.stderr)
+            document["warm_seconds"] = round(sum(_warm(cluster.nodes[name].data_dir, cgroups.get(name)) for name in cluster.validators()), 1)
+        device = block_device(first)
+        if device is not None:
+            print(f"measuring random page writes on {device}, the nodes' disk", file=sys.stderr)
+            document["disk_page_writes_per_second"] = round(random_page_writes_per_second(first, len(cluster.validators())))
+        _measure_started(cluster, document, accounts=accounts, seconds=seconds, seed=seed, device=device, cgroups=cgroups)
+    finally:
+        for cgroup in cgroups.values():
+            cgroup.remove()
+    return document
+
+
+def _warm(data_dir: Path, cgroup: MemoryCgroup | None) -> float:
+    """`warm_page_cache`, in a process inside the node's cgroup when it has one, so the pages it reads are
+    charged to the node (and taken back from it past its limit) as if the node had read them."""
+    if cgroup is None:
+        return warm_page_cache(data_dir)
+    program = "import sys; from pathlib import Path; from node.bench_scale import warm_page_cache; print(warm_page_cache(Path(sys.argv[1])))"
+    result = subprocess.run(cgroup.command([sys.executable, "-c", program, str(data_dir)]), capture_output=True, text=True,
+                            timeout=warm_seconds_max, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"warming {data_dir} in {cgroup.path} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, accounts: int, seconds: float, seed: int,
+                     device: str | None, cgroups: dict[str, MemoryCgroup]) -> None:
+    cluster.start(memory_cgroups=cgroups or None)
     try:
         leader = cluster.wait_for_leader(timeout_seconds=start_seconds_max)
         cluster.wait_ready(timeout_seconds=start_seconds_max)
@@ -406,23 +442,26 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
             # disk allows at least this much: the figure to read the large state's throughput against.
             document["disk_ceiling_transfers_per_second"] = round(document["disk_page_writes_per_second"] / max(requests / max(1, peak.acknowledged), 1e-9))
         document["node_memory_bytes"] = {name: bench.node_memory(pid) for name, pid in pids.items()}
+        if cgroups:
+            document["node_memory_limit_bytes"] = next(iter(cgroups.values())).limit_bytes
+            document["node_memory_peak_bytes"] = {name: cgroup.peak_bytes() for name, cgroup in cgroups.items()}
+            document["node_out_of_memory_kills"] = {name: cgroup.out_of_memory_kills() for name, cgroup in cgroups.items()}
     finally:
         cluster.kill()
-    return document
 
 
 def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, large_accounts: int, large_transfers: int,
-              seconds: float, seed: int) -> dict[str, Any]:
+              seconds: float, seed: int, memory_limit_bytes: int | None = None) -> dict[str, Any]:
     """Both networks are built first (`prepare`), then measured small, large, large, small. Measured once each
     in a fixed order, whatever drifts over the run (the first network's writes still being flushed, caches
     turned over) would count against the network measured second, always the large one; in this order it
     weighs on both alike. The ratio is of their totals."""
     prepare(directory / "small", accounts=small_accounts, transfers=small_transfers)
     prepare(directory / "large", accounts=large_accounts, transfers=large_transfers)
-    small = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed)
-    large = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed)
-    large_again = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed + 1)
-    small_again = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed + 1)
+    small = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed, memory_limit_bytes=memory_limit_bytes)
+    large = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed, memory_limit_bytes=memory_limit_bytes)
+    large_again = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed + 1, memory_limit_bytes=memory_limit_bytes)
+    small_again = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed + 1, memory_limit_bytes=memory_limit_bytes)
     small_total = small["transfers_per_second"] + small_again["transfers_per_second"]
     large_total = large["transfers_per_second"] + large_again["transfers_per_second"]
     return {
@@ -432,7 +471,20 @@ def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, lar
         "large_again": large_again,
         "order": ["small", "large", "large_again", "small_again"],
         "throughput_ratio_large_to_small": round(large_total / max(1.0, small_total), 3),
+        "node_memory_limit_bytes": memory_limit_bytes,
     }
+
+
+def _measurements(document: dict[str, Any], side: str) -> list[dict[str, Any]]:
+    return [document[key] for key in (side, f"{side}_again") if key in document]
+
+
+def _peak_charged(document: dict[str, Any], side: str) -> int:
+    return max(peak for measurement in _measurements(document, side) for peak in measurement["node_memory_peak_bytes"].values())
+
+
+def _out_of_memory_kills(document: dict[str, Any], side: str) -> int:
+    return sum(sum(measurement["node_out_of_memory_kills"].values()) for measurement in _measurements(document, side))
 
 
 def render_scale(document: dict[str, Any]) -> str:
@@ -467,6 +519,11 @@ def render_scale(document: dict[str, Any]) -> str:
                          ("RssFile", "  of which mapped LMDB pages")):
         rows.append((label, *(f"{max(memory[field] for memory in side['node_memory_bytes'].values()) / 2**20:,.0f} MiB"
                               for side in (small, large))))
+    if document.get("node_memory_limit_bytes"):
+        limit = document["node_memory_limit_bytes"]
+        rows.append(("node memory limit (cgroup, page cache in)", f"{limit / 1e6:,.0f} MB", f"{limit / 1e6:,.0f} MB"))
+        rows.append(("  most charged to a node, all runs", *(f"{_peak_charged(document, side) / 1e6:,.0f} MB" for side in ("small", "large"))))
+        rows.append(("  nodes killed for going over it", *(f"{_out_of_memory_kills(document, side)}" for side in ("small", "large"))))
     rows.append(("throughput, large / small" + (" (both runs)" if "small_again" in document else ""), "",
                  f"{document['throughput_ratio_large_to_small']:.1%}"))
     width = [max(len(row[column]) for row in rows) for column in range(3)]

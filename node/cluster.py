@@ -44,6 +44,7 @@ from config.schema import (
 )
 from consensus.entries import Body, Issue, OpenAccount, Transfer, sign_entry
 from node.client import Client, new_transfer_id
+from node.memory_limit import MemoryCgroup
 from node.open_api import new_token, token_digest
 from storage.records import settlement_account
 
@@ -420,16 +421,26 @@ class LocalCluster:
 
     # Processes ----------------------------------------------------------------------------------------
 
-    def start(self, names: Iterable[str] | None = None, *, environment: dict[str, str] | None = None) -> None:
-        """Start nodes (all by default) as background processes in their own sessions."""
+    def start(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        environment: dict[str, str] | None = None,
+        memory_cgroups: dict[str, MemoryCgroup] | None = None,
+    ) -> None:
+        """Start nodes (all by default) as background processes in their own sessions; a node named in
+        `memory_cgroups` starts inside that cgroup, confined to its memory limit."""
         for name in list(names) if names is not None else list(self.nodes):
             node = self.nodes[name]
             if self.is_running(name):
                 continue
+            command = [sys.executable, "-m", "node", "node", "start", "--config", str(node.config)]
+            if memory_cgroups is not None and name in memory_cgroups:
+                command = memory_cgroups[name].command(command)
             log = open(node.log, "ab")  # noqa: SIM115 - handed to the child, closed below
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "node", "node", "start", "--config", str(node.config)],
+                    command,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
