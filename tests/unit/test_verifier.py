@@ -91,6 +91,29 @@ def test_a_prefetched_batch_is_verified_once_and_a_forged_entry_is_not_remembere
     assert verifier.cache_hits == 39
 
 
+def test_the_apply_uses_a_verification_once_and_a_second_check_verifies_again(verifier):
+    network = make_network()
+    entries = workload(network, 10)
+    raw_batch = batch(*entries)
+    verifier.prefetch(raw_batch)
+    verifier.wait_for_batch(raw_batch)
+    assert [verifier.is_valid(decode_entry(raw)) for raw in entries] == [number != 5 for number in range(10)]
+    assert verifier.cache_hits == 9
+    # Nothing stays remembered once applied: checked again, every entry is verified again, with the same answer.
+    assert [verifier.is_valid(decode_entry(raw)) for raw in entries] == [number != 5 for number in range(10)]
+    assert verifier.cache_hits == 9
+
+
+def test_the_verified_cache_keeps_at_most_its_limit_dropping_the_oldest(verifier, monkeypatch):
+    monkeypatch.setattr(verifier_module, "verified_cache_entries_max", 10)
+    network = make_network()
+    entries = [raw for number, raw in enumerate(workload(network, 25)) if number != 5]
+    for future in verifier.verify_many([decode_entry(raw) for raw in entries]):
+        future.result()
+    assert [verifier.is_valid(decode_entry(raw)) for raw in entries] == [True] * len(entries)
+    assert verifier.cache_hits == 10
+
+
 def test_the_decode_cache_keeps_at_most_its_limit_dropping_the_oldest(verifier, monkeypatch):
     monkeypatch.setattr(verifier_module, "decoded_cache_entries_max", 10)
     network = make_network()
