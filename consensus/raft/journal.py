@@ -36,7 +36,9 @@ record_index_field_bytes = 8
 raft_index_max = 2**64 - 1
 
 record_payload_bytes_max = 8 * 2**20
-tail_cache_bytes_max = 32 * 2**20
+# The newest commands stay in memory: replication and the apply read within the last few batches; a
+# follower further behind is read from the file (the page cache). 8 MiB is some 170 full 48 KiB batches.
+tail_cache_bytes_max = 8 * 2**20
 meta_file_bytes_max = 4 * 2**10
 # Open-time scans and compaction copies move data in chunks of this size, so a large
 # log costs few system calls without ever being read into memory whole.
