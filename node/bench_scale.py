@@ -285,11 +285,13 @@ index_databases = tuple(name.decode() for name in run_database_names())
 
 
 def warm_page_cache(data_dir: Path) -> float:
-    """Read every page of the accounts and of the entry-hash index's runs, as a node that has been running
+    """Read every page of the entry-hash index's runs and of the accounts, as a node that has been running
     holds them in memory; a node just started from a copied file would otherwise measure the disk. Returns
-    seconds."""
+    seconds. The accounts come last: under a memory limit the pages read last are the ones that stay, and a
+    running node reads accounts at every transfer, the runs only when it merges them (read first, a 300 MB
+    node started with its accounts evicted and read them back, 1.6 disk reads per transfer)."""
     started = time.perf_counter()
-    for path, names in ((data_dir / "state", randomly_written_databases), (data_dir / "entry_hashes", index_databases)):
+    for path, names in ((data_dir / "entry_hashes", index_databases), (data_dir / "state", randomly_written_databases)):
         if not (path / "data.mdb").exists():
             continue
         with _stopped_environment(path) as environment:
