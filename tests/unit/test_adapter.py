@@ -398,10 +398,12 @@ def _leader_with_a_snapshot(nodes, stores, genesis, key) -> tuple[RaftNode, int]
     return leader, read_header(leader._snapshot_path)[0].last_entry[1]
 
 
-def _rewind_to_the_start_and_record_cuts(monkeypatch, leader: RaftNode, follower: RaftNode) -> list[int]:
-    """Rewind the leader's next index for `follower` to 1 once, in the leader's tick thread (what a stale
-    "retry from" answer does), so the leader sends its snapshot; returns the positions the follower's journal
-    is cut at from now on."""
+def _rewind_to_the_start_and_record_cuts(monkeypatch, leader: RaftNode, follower: RaftNode) -> tuple[list[int], threading.Event]:
+    """Rewind the leader's next index for `follower` to 1, in the leader's tick thread (what a stale "retry
+    from" answer does), so the leader sends its snapshot; returns the positions the follower's journal is cut
+    at from now on, and an event to set once the snapshot arrived. It rewinds at every tick until then: rewound
+    once, an answer to an append already in flight could set the index back before the leader sent anything
+    (CI saw both tests below wait 20 s for a snapshot that was never sent)."""
     cuts: list[int] = []
     original_truncate = journal_module.DurableJournal._truncate_after
 
@@ -414,15 +416,14 @@ def _rewind_to_the_start_and_record_cuts(monkeypatch, leader: RaftNode, follower
     follower_node = next(
         node for node in leader._syncobj._SyncObj__otherNodes if node.address == str(follower._node.raft_address)
     )
-    rewound: list[bool] = []
+    arrived = threading.Event()
 
-    def rewind_once() -> None:
-        if not rewound:
+    def rewind_until_arrived() -> None:
+        if not arrived.is_set():
             leader._syncobj._SyncObj__raftNextIndex[follower_node] = 1
-            rewound.append(True)
 
-    leader._syncobj.addOnTickCallback(rewind_once)
-    return cuts
+    leader._syncobj.addOnTickCallback(rewind_until_arrived)
+    return cuts, arrived
 
 
 def test_a_follower_past_the_leaders_snapshot_keeps_the_entries_after_it_when_it_is_sent_one(network, monkeypatch):
@@ -436,8 +437,9 @@ def test_a_follower_past_the_leaders_snapshot_keeps_the_entries_after_it_when_it
     _wait(lambda: follower._journal.last_index >= late, "the follower to hold the later entries")
     held = follower._journal.last_index
     assert held > snapshot_index + 1
-    cuts = _rewind_to_the_start_and_record_cuts(monkeypatch, leader, follower)
+    cuts, arrived = _rewind_to_the_start_and_record_cuts(monkeypatch, leader, follower)
     _wait(lambda: follower._journal.first_index == snapshot_index - 1, "the follower to take the leader's snapshot")
+    arrived.set()
     assert cuts == [], "the follower cut its log on a snapshot it already held"
     assert follower._journal.last_index >= held, "the follower dropped entries it had acknowledged"
     last = _propose_accounts(leader, genesis, key, ["after"])
@@ -465,9 +467,10 @@ def test_a_follower_whose_own_snapshot_is_newer_than_the_leaders_keeps_its_snaps
     late = _propose_accounts(leader, genesis, key, [f"late{number}" for number in range(10)])
     _wait(lambda: follower._journal.last_index >= late, "the follower to hold the later entries")
     first, held = follower._journal.first_index, follower._journal.last_index
-    cuts = _rewind_to_the_start_and_record_cuts(monkeypatch, leader, follower)
+    cuts, arrived = _rewind_to_the_start_and_record_cuts(monkeypatch, leader, follower)
     _wait(lambda: "older than ours" in caplog.text or f"ignoring snapshot at index {leaders_snapshot_index}" in caplog.text,
           "the follower to be sent the leader's snapshot")
+    arrived.set()
     assert cuts == [], "the follower cut its log on an older snapshot"
     assert (follower._journal.first_index, follower._journal.last_index) >= (first, held), (
         "the follower dropped entries it had acknowledged"
