@@ -80,15 +80,9 @@ class MemoryCgroup:
         return int((self.path / name).read_text())
 
     def out_of_memory_kills(self) -> int:
-        """Processes the kernel killed for going over the limit (cgroup v2 counts them; v1 reports whether
-        the cgroup is under OOM now, which is 0 or 1)."""
-        if self.version == 2:
-            for line in (self.path / "memory.events").read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == "oom_kill":
-                    return int(value)
-            return 0
-        for line in (self.path / "memory.oom_control").read_text().splitlines():
+        """Processes the kernel killed for going over the limit (both versions count them as `oom_kill`)."""
+        events = "memory.events" if self.version == 2 else "memory.oom_control"
+        for line in (self.path / events).read_text().splitlines():
             name, _, value = line.partition(" ")
             if name == "oom_kill":
                 return int(value)

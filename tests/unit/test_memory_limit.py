@@ -43,6 +43,7 @@ def test_a_process_over_the_limit_is_killed_by_the_kernel(cgroups: list[MemoryCg
     result = _run(cgroup, "block = bytearray(256 * 2**20); block[::4096] = b'x' * len(block[::4096]); print('survived')")
     assert result.returncode == -signal.SIGKILL, (result.returncode, result.stdout, result.stderr)
     assert "survived" not in result.stdout
+    assert cgroup.out_of_memory_kills() == 1
 
 
 def test_a_process_under_the_limit_runs_and_its_heap_counts_in_the_peak(cgroups: list[MemoryCgroup]) -> None:
