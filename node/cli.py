@@ -32,6 +32,41 @@ def command_node_start(arguments: argparse.Namespace) -> int:
     return run_node(Path(arguments.config))
 
 
+def command_node_compact(arguments: argparse.Namespace) -> int:
+    """Rewrite a node's state databases with full B-tree pages (`LedgerStore.compact`)."""
+    from config.loader import load_node_config
+    from config.schema import ConfigError
+    from storage.state import open_store
+
+    try:
+        config, _genesis = load_node_config(Path(arguments.config))
+    except ConfigError as error:
+        print(f"tonle: invalid configuration\n{error}", file=sys.stderr)
+        return exit_code_failure
+    if not (config.data_dir / "state" / "data.mdb").is_file():
+        raise ValueError(f"no node state under {config.data_dir}: nothing to compact")
+    store = open_store(config.data_dir, map_size_bytes=config.storage.map_size_bytes, sync=config.storage.sync)
+    try:
+        page_bytes = store.environment.stat()["psize"]
+        compacted = store.compact(tuple(arguments.database) if arguments.database else None)
+        used_bytes = store.used_bytes()
+    finally:
+        store.close()
+    print_json(
+        {
+            "databases": [
+                {"name": item.name, "entries": item.entries, "pages_before": item.pages_before, "pages_after": item.pages_after}
+                for item in compacted
+            ],
+            "pages_before": sum(item.pages_before for item in compacted),
+            "pages_after": sum(item.pages_after for item in compacted),
+            "page_bytes": page_bytes,
+            "file_used_bytes": used_bytes,
+        }
+    )
+    return 0
+
+
 def command_keygen(arguments: argparse.Namespace) -> int:
     public_key = generate_key_file(Path(arguments.out))
     print(public_key.hex())
@@ -148,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     start = node_commands.add_parser("start", help="start a node from its configuration file")
     start.add_argument("--config", required=True, help="the node's TOML configuration file")
     start.set_defaults(handler=command_node_start)
+    compact = node_commands.add_parser(
+        "compact",
+        help="rewrite the node's state databases with full B-tree pages (records and state hash unchanged; "
+        "best with the node stopped: its apply waits while each database is rewritten)",
+    )
+    compact.add_argument("--config", required=True, help="the node's TOML configuration file")
+    compact.add_argument("--database", action="append", help="only this database (repeatable; default: all)")
+    compact.set_defaults(handler=command_node_compact)
 
     keygen = commands.add_parser("keygen", help="write a new Ed25519 key file (mode 0600) and print its public key")
     keygen.add_argument("--out", required=True)
