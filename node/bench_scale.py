@@ -218,6 +218,14 @@ def _stopped_environment(path: Path) -> Iterator[lmdb.Environment]:
         environment.close()
 
 
+def _account_database_bytes(data_dir: Path) -> int:
+    """The B-tree pages of a stopped node's account database, in bytes: what the apply reads at random, so
+    what a node must keep in memory to commit without reading from disk (`tonle node compact` fills them)."""
+    with _node_state(data_dir) as environment, environment.begin() as transaction:
+        stat = transaction.stat(environment.open_db(b"accounts", txn=transaction, create=False))
+    return (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
+
+
 def _recorded_transfers(data_dir: Path) -> int:
     with _node_state(data_dir) as environment, environment.begin() as transaction:
         return transaction.stat(environment.open_db(b"transfers", txn=transaction, create=False))["entries"]
@@ -370,6 +378,7 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
     first = cluster.nodes[cluster.validators()[0]].data_dir
     document["state_bytes"] = (first / "state" / "data.mdb").stat().st_size
     document["transfers_at_start"] = _recorded_transfers(first)
+    document["account_database_bytes_at_start"] = _account_database_bytes(first)
     document["page_cache_warmed"] = warm
     cgroups: dict[str, MemoryCgroup] = {}
     try:
@@ -388,6 +397,8 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
             print(f"measuring random page writes on {device}, the nodes' disk", file=sys.stderr)
             document["disk_page_writes_per_second"] = round(random_page_writes_per_second(first, len(cluster.validators())))
         _measure_started(cluster, document, accounts=accounts, seconds=seconds, seed=seed, device=device, cgroups=cgroups)
+        # Accounts whose records grew in a full page split it: how much the run loosened what compaction packed.
+        document["account_database_bytes_at_end"] = _account_database_bytes(first)
     finally:
         for cgroup in cgroups.values():
             cgroup.remove()
@@ -496,6 +507,10 @@ def render_scale(document: dict[str, Any]) -> str:
     rows.append(("transfers built into the state", f"{small['preloaded_transfers']:,}", f"{large['preloaded_transfers']:,}"))
     rows.append(("  and in it at the start of the run", f"{small['transfers_at_start']:,}", f"{large['transfers_at_start']:,}"))
     rows.append(("state size at the start", f"{small['state_bytes'] / 2**30:.2f} GiB", f"{large['state_bytes'] / 2**30:.2f} GiB"))
+    if all("account_database_bytes_at_start" in side for side in (small, large)):
+        rows.append(("account database, start / end of the run",
+                     *(f"{side['account_database_bytes_at_start'] / 2**20:,.0f} / {side['account_database_bytes_at_end'] / 2**20:,.0f} MiB"
+                       for side in (small, large))))
     rows.append(("committed transfers/s", f"{small['transfers_per_second']:,.0f}", f"{large['transfers_per_second']:,.0f}"))
     if "small_again" in document:
         # The second measurement of each (order: small, large, large, small); the rows below are of the first.
