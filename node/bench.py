@@ -264,6 +264,18 @@ def _thread_cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, str], float]:
     return totals
 
 
+def thread_major_faults(cluster: LocalCluster) -> dict[str, float]:
+    """`tonle_thread_major_page_faults_total` summed over the network's nodes, by thread job."""
+    totals: dict[str, float] = {}
+    for name in cluster.nodes:
+        _code, text = cluster.admin_get(name, "/metrics", timeout_seconds=metrics_timeout_seconds)
+        for family in text_string_to_metric_families(text):
+            if family.name == "tonle_thread_major_page_faults":
+                for sample in family.samples:
+                    totals[sample.labels["thread"]] = totals.get(sample.labels["thread"], 0.0) + sample.value
+    return totals
+
+
 def entry_hash_index_lag(cluster: LocalCluster) -> int:
     """Raft entries applied but not yet in the entry-hash index, the most of any node: the indexer works
     behind the apply, and a figure measured while it fell ever further behind would leave its work out."""

@@ -433,6 +433,7 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
         threads_before = bench._thread_cpu_seconds(cluster)
         faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
+        thread_faults_before = bench.thread_major_faults(cluster)
         disk_before = disk_writes(device) if device is not None else None
         address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
@@ -446,6 +447,12 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         document["cpu_microseconds_per_transfer_by_thread"] = bench._per_transfer_by_thread(threads_before, threads_after, peak.acknowledged)
         faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
         document["disk_reads_per_transfer"] = round(faults / max(1, peak.acknowledged), 3)
+        # Which job waited for those pages: the apply (accounts), the indexer (its runs' merges), the tick thread...
+        thread_faults_after = bench.thread_major_faults(cluster)
+        document["disk_reads_per_transfer_by_thread"] = {
+            thread: round((count - thread_faults_before.get(thread, 0.0)) / max(1, peak.acknowledged), 3)
+            for thread, count in sorted(thread_faults_after.items())
+        }
         if device is not None:
             # Every write the disk completed while the network ran, whoever asked: a bench machine runs nothing else.
             requests, written = (after - before for after, before in zip(disk_writes(device), disk_before, strict=True))
@@ -532,6 +539,11 @@ def render_scale(document: dict[str, Any]) -> str:
         rows.append(("  committed / disk ceiling", *(f"{side['transfers_per_second'] / side['disk_ceiling_transfers_per_second']:.0%}" for side in (small, large))))
     rows.append(("entry-hash index behind, at the end", *(f"{side['entry_hash_index_lag_entries']:,} Raft entries" for side in (small, large))))
     rows.append(("disk reads per transfer (all nodes)", *(f"{side['disk_reads_per_transfer']:.2f}" for side in (small, large))))
+    by_thread_reads = [side.get("disk_reads_per_transfer_by_thread", {}) for side in (small, large)]
+    for thread in sorted({thread for side in by_thread_reads for thread in side}, key=lambda thread: -by_thread_reads[1].get(thread, 0.0)):
+        cells = [side.get(thread, 0.0) for side in by_thread_reads]
+        if max(cells) >= 0.005:
+            rows.append((f"  by {thread} threads", *(f"{cell:.2f}" for cell in cells)))
     for field, label in (("VmRSS", "node resident memory, max"), ("RssAnon", "  of which process heap"),
                          ("RssFile", "  of which mapped LMDB pages")):
         rows.append((label, *(f"{max(memory[field] for memory in side['node_memory_bytes'].values()) / 2**20:,.0f} MiB"

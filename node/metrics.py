@@ -286,45 +286,52 @@ def stat_fields(path: Path) -> list[str]:
     return path.read_text().rpartition(")")[2].split()
 
 
-def thread_cpu_seconds(native_id: int) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of one thread of this process, or None once it has exited (Linux)."""
+def thread_usage(native_id: int) -> tuple[float, float, int] | None:
+    """(user CPU seconds, system CPU seconds, major page faults) of one thread of this process, or None once
+    it has exited (Linux)."""
     try:
         fields = stat_fields(_task_directory / str(native_id) / "stat")
     except OSError:
         return None
-    return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second
+    return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second, int(fields[9])
 
 
 class ThreadCpuCollector(Collector):
-    """`tonle_thread_cpu_seconds_total{thread, mode}`: where a node's CPU goes, by job, read on each scrape.
+    """`tonle_thread_cpu_seconds_total{thread, mode}`: where a node's CPU goes, by job, and
+    `tonle_thread_major_page_faults_total{thread}`: which job waits for pages read from disk (LMDB maps its
+    files, so a read of a page not in memory is a major fault of the reading thread). Read on each scrape.
 
-    A thread that has exited keeps its last-read CPU in the total, so the counter never goes down when a
+    A thread that has exited keeps its last-read counts in the totals, so the counters never go down when a
     snapshot writer or a pool thread ends.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # two concurrent scrapes must not retire a thread twice
-        self._last: dict[threading.Thread, tuple[str, float, float]] = {}
+        self._last: dict[threading.Thread, tuple[str, float, float, int]] = {}
         self._retired = {(role, mode): 0.0 for role in thread_roles for mode in thread_cpu_modes}
+        self._retired_faults = {role: 0 for role in thread_roles}
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            seen: dict[threading.Thread, tuple[str, float, float]] = {}
+            seen: dict[threading.Thread, tuple[str, float, float, int]] = {}
             for thread in threading.enumerate():
                 if thread.native_id is None:
                     continue
-                times = thread_cpu_seconds(thread.native_id)
-                if times is not None:
-                    seen[thread] = (thread_role(thread.name), *times)
-            for thread, (role, user, system) in self._last.items():
+                usage = thread_usage(thread.native_id)
+                if usage is not None:
+                    seen[thread] = (thread_role(thread.name), *usage)
+            for thread, (role, user, system, faults) in self._last.items():
                 if thread not in seen:
                     self._retired[(role, "user")] += user
                     self._retired[(role, "system")] += system
+                    self._retired_faults[role] += faults
             self._last = seen
             totals = dict(self._retired)
-            for role, user, system in seen.values():
+            fault_totals = dict(self._retired_faults)
+            for role, user, system, faults in seen.values():
                 totals[(role, "user")] += user
                 totals[(role, "system")] += system
+                fault_totals[role] += faults
         family = CounterMetricFamily(
             "tonle_thread_cpu_seconds",
             "CPU time of this node's threads by job (event_loop, raft, apply, verify, snapshot, receipts, index, other) and mode.",
@@ -333,7 +340,16 @@ class ThreadCpuCollector(Collector):
         for (role, mode), seconds in totals.items():
             family.add_metric([role, mode], seconds)
         yield family
+        faults_family = CounterMetricFamily(
+            "tonle_thread_major_page_faults",
+            "Page faults of this node's threads that read from disk, by job (as tonle_thread_cpu_seconds).",
+            labels=["thread"],
+        )
+        for role, faults in fault_totals.items():
+            faults_family.add_metric([role], faults)
+        yield faults_family
 
     def describe(self) -> Iterator[Metric]:
         # Described without reading /proc, so registering the collector does not scrape it.
         yield CounterMetricFamily("tonle_thread_cpu_seconds", "CPU time of this node's threads.", labels=["thread", "mode"])
+        yield CounterMetricFamily("tonle_thread_major_page_faults", "Page faults of this node's threads that read from disk.", labels=["thread"])
