@@ -51,7 +51,11 @@ proposals_in_flight_max = 32
 # and 3 gave 16-51 ms (three runs each), 4 gave 80 ms.
 partial_batches_in_flight_max = 3
 outcome_waiters_max = 200_000
-state_hash_history_max = 100_000
+# A batch carries the state hash at the leader's last applied index, which is at most `proposals_in_flight_max`
+# batches (and an election's no-ops) before the batch itself: every replica compares it when it applies the
+# batch, so it must still know its own hash at that index. 4,096 entries is far past that, and costs about
+# 0.8 MiB; 100,000 (before) held some 19 MiB once a node had applied as many entries.
+state_hash_history_entries_max = 4_096
 apply_lag_entries_max = 64
 # When no batch has carried a checkpoint for this long, the leader proposes an empty batch that does, so
 # replicas keep comparing state hashes while the network is idle.
@@ -174,6 +178,28 @@ def _stop_fatally(message: str) -> None:
     os._exit(fatal_exit_code)
 
 
+class StateHashHistory:
+    """This replica's state hash after each of its newest applied Raft entries, to compare with the
+    checkpoints batches carry; older entries are forgotten (a checkpoint that old is not compared)."""
+
+    def __init__(self, entries_max: int) -> None:
+        if entries_max < 1:
+            raise ValueError(f"entries_max must be positive, not {entries_max}")
+        self.entries_max = entries_max
+        self._hashes: OrderedDict[int, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def record(self, index: int, state_hash: bytes) -> None:
+        self._hashes[index] = state_hash
+        while len(self._hashes) > self.entries_max:
+            self._hashes.popitem(last=False)
+
+    def get(self, index: int) -> bytes | None:
+        return self._hashes.get(index)
+
+
 class LedgerNode:
     """One Tonle node. Construct, then `await run(stop)` on the event loop of the main thread."""
 
@@ -221,7 +247,7 @@ class LedgerNode:
         self._proposals: dict[int, _Proposal] = {}
         self._proposal_counter = 0
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
-        self._state_hash_history: OrderedDict[int, bytes] = OrderedDict()
+        self._state_hash_history = StateHashHistory(state_hash_history_entries_max)
         self._last_applied: AppliedBatch | None = None
         self._diverged = False
         self._forwarder: Forwarder | None = None
@@ -312,10 +338,7 @@ class LedgerNode:
             self._leaves_without_head = False
         elif batch.outcomes:
             self._leaves_without_head = True
-        history = self._state_hash_history
-        history[batch.index] = batch.state_hash
-        while len(history) > state_hash_history_max:
-            history.popitem(last=False)
+        self._state_hash_history.record(batch.index, batch.state_hash)
         self._check_checkpoint(batch.checkpoint)
         if self._waiters:
             self._resolve_outcomes(batch)
