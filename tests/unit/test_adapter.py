@@ -570,7 +570,11 @@ def test_the_leader_goes_on_committing_while_it_writes_a_snapshot_and_keeps_its_
     stepped down while it copied its state. The write now runs on a thread of its own."""
     nodes, stores, events, sends, genesis, key = network
     leader = _leader(nodes)
-    _propose_accounts(leader, genesis, key, [f"before{number}" for number in range(5)])
+    leader_store = stores[nodes.index(leader)]
+    before = _propose_accounts(leader, genesis, key, [f"before{number}" for number in range(5)])
+    # Compacted before these were applied (a loaded machine), the snapshot would end at the journal's first
+    # entry and leave nothing to drop.
+    _wait(lambda: leader_store.summary().applied_index >= before, "the leader to apply the first proposals")
     writing, release = threading.Event(), threading.Event()
     real_write = adapter_module.write_snapshot
 
@@ -604,7 +608,9 @@ def test_a_node_starting_on_a_snapshot_reads_it_once(network, node_keys, monkeyp
     leader = _leader(nodes)
     follower = next(node for node in nodes if node is not leader)
     number = nodes.index(follower)
-    _propose_accounts(leader, genesis, key, [f"once{index}" for index in range(5)])
+    once = _propose_accounts(leader, genesis, key, [f"once{index}" for index in range(5)])
+    # pysyncobj snapshots at its last applied entry, and not at all before two are applied.
+    _wait(lambda: stores[number].summary().applied_index >= once, "the follower to apply")
     follower._syncobj.forceLogCompaction()
     _wait(lambda: follower._snapshot_path.exists(), "the follower to write a snapshot")
     follower.destroy()
