@@ -446,6 +446,9 @@ _settings: dict[str, dict[str, _Setting]] = {
     "storage": {
         "map_size_bytes": _Setting(int, schema.map_size_bytes_default, minimum=schema.map_size_bytes_min),
         "sync": _Setting(bool, schema.sync_default),
+        "page_aging_interval_ms": _Setting(
+            int, schema.page_aging_interval_ms_default, minimum=0, maximum=schema.page_aging_interval_ms_max
+        ),
     },
     "raft": {
         "election_timeout_min_ms": _Setting(

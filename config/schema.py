@@ -40,6 +40,9 @@ integer_value_max = 2**63 - 1
 map_size_bytes_default = 4 * 2**30
 map_size_bytes_min = 16 * 2**20
 sync_default = True
+# How often a node marks its mapped state pages cold (node/page_aging.py); 0 turns it off.
+page_aging_interval_ms_default = 2000
+page_aging_interval_ms_max = 60_000
 
 election_timeout_min_ms_default = 1000
 election_timeout_min_ms_min = 100
@@ -288,6 +291,7 @@ def _node_document(node: NodeSpec) -> dict[str, str | None]:
 class StorageConfig:
     map_size_bytes: int
     sync: bool
+    page_aging_interval_ms: int = page_aging_interval_ms_default
 
 
 @dataclass(frozen=True, slots=True)

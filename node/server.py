@@ -21,6 +21,7 @@ from node.failpoints import enabled_failpoints
 from node.heads import HeadSignatures
 from node.indexer import EntryHashIndexer
 from node.metrics import NodeMetrics
+from node.page_aging import PageAger
 from node.protocol import (
     ERROR_BUSY,
     ERROR_NO_LEADER,
@@ -255,6 +256,7 @@ class LedgerNode:
         self._last_proposal_time = 0.0
         self._leaves_without_head = False
         self.heads = HeadSignatures(self)
+        self.page_ager: PageAger | None = None
 
     # Start-up -------------------------------------------------------------------------------------------
 
@@ -313,11 +315,16 @@ class LedgerNode:
             journal_observer=JournalMetrics(self.metrics),
         )
         self.indexer.start()
+        if self.config.storage.page_aging_interval_ms > 0:
+            self.page_ager = PageAger(self.store.path / "data.mdb", self.config.storage.page_aging_interval_ms / 1000)
+            self.page_ager.start()
 
     def close(self) -> None:
         if self.raft is not None:
             self.raft.destroy()
         self.heads.close()
+        if self.page_ager is not None:
+            self.page_ager.close()
         self.verifier.close()
         self.indexer.close()
         self.entry_hashes.close()

@@ -602,6 +602,8 @@ def test_missing_required_node_keys_are_each_reported(tmp_path: Path) -> None:
     [
         ("storage", "map_size_bytes", schema.map_size_bytes_min - 1, "must be >= 16777216, got 16777215"),
         ("storage", "map_size_bytes", schema.integer_value_max + 1, "must be 16777216..9223372036854775807"),
+        ("storage", "page_aging_interval_ms", -1, "must be 0..60000, got -1"),
+        ("storage", "page_aging_interval_ms", schema.page_aging_interval_ms_max + 1, "must be 0..60000, got 60001"),
         ("raft", "election_timeout_min_ms", schema.election_timeout_min_ms_min - 1, "must be >= 100, got 99"),
         ("raft", "heartbeat_interval_ms", schema.heartbeat_interval_ms_min - 1, "must be >= 10, got 9"),
         ("raft", "connection_retry_ms", schema.connection_retry_ms_min - 1, "must be >= 50, got 49"),
