@@ -35,7 +35,7 @@ from node.load import Progress
 from node.memory_limit import MemoryCgroup, drop_from_page_cache
 from storage.entry_hashes import EntryHashIndex, index_databases_max, run_database_names
 from storage.rules import apply_batch, genesis_applied_index, initialize
-from storage.state import LedgerStore, schema_version
+from storage.state import LedgerStore, pages_of, schema_version
 
 # The offline build applies batches of this many entries, as a busy leader would propose them.
 build_batch_entries = 250
@@ -223,7 +223,7 @@ def _account_database_bytes(data_dir: Path) -> int:
     what a node must keep in memory to commit without reading from disk (`tonle node compact` fills them)."""
     with _node_state(data_dir) as environment, environment.begin() as transaction:
         stat = transaction.stat(environment.open_db(b"accounts", txn=transaction, create=False))
-    return (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
+    return pages_of(stat) * stat["psize"]
 
 
 def _recorded_transfers(data_dir: Path) -> int:

@@ -235,11 +235,12 @@ class LedgerStore:
                     raise StorageCorrupted(f"compacting {name!r} did not reproduce its {before['entries']} records")
                 transaction.drop(scratch, delete=True)
                 after = transaction.stat(handle)
-            compacted.append(CompactedDatabase(name, before["entries"], _pages(before), _pages(after)))
+            compacted.append(CompactedDatabase(name, before["entries"], pages_of(before), pages_of(after)))
         return compacted
 
 
-def _pages(stat: dict[str, int]) -> int:
+def pages_of(stat: dict[str, int]) -> int:
+    """The B-tree pages of a database, from its LMDB `stat`: branch, leaf and overflow."""
     return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 
