@@ -31,24 +31,37 @@ liveness_poll_seconds = 0.5
 @dataclass(frozen=True, slots=True)
 class Grouping:
     """How an apply takes waiting entries: with the next one, up to `entries_max` in one transaction, once at
-    least `backlog_entries_min` wait behind it."""
+    least `backlog_entries_min` wait behind it, and no more once the group holds `command_bytes_max` bytes of
+    commands (so a group ends at most one entry past that bound)."""
 
     entries_max: int
     backlog_entries_min: int
+    command_bytes_max: int = 0  # 0: entries alone bound a group
 
     def __post_init__(self) -> None:
         if self.entries_max < 1 or self.backlog_entries_min < 1:
             raise ValueError(f"a grouping needs entries_max and backlog_entries_min of at least 1, not {self}")
+        if self.command_bytes_max < 0:
+            raise ValueError(f"a grouping's command_bytes_max cannot be negative, not {self}")
 
 
-# A follower's apply only has to keep up: it groups whatever waits, up to 8 batches (8 x 57 KiB), a bound on
-# what one commit writes.
-follower_grouping = Grouping(entries_max=8, backlog_entries_min=1)
+# What one apply transaction may hold, in bytes of commands. LMDB copies every page a transaction changes into
+# a page of heap and, after the commit, keeps those pages for the next transactions: its list of free dirty
+# pages is only given back when the environment closes. So the node's heap keeps the most pages one
+# transaction ever changed, and with a large state that is two account pages (8 KiB) a transfer: a group of 8
+# full 48 KiB batches (about 2,100 transfers of 184 bytes) kept 16-17 MiB of heap at 1 million accounts,
+# memory the page cache lacked under a 300 MB limit (README, "Memory under a limit"). 96 KiB is two full
+# batches, some 4 MiB of such pages.
+group_command_bytes_max = 96 * 1024
+# A follower's apply only has to keep up: it groups whatever waits, up to 8 batches and the bytes above. A
+# commit's fsyncs cost 0.3-3.4 ms on the bench machine's disk (p50-p90), applying two full batches 30-75 ms,
+# so the smaller groups cost a catching-up follower a few percent.
+follower_grouping = Grouping(entries_max=8, backlog_entries_min=1, command_bytes_max=group_command_bytes_max)
 # The leader's apply answers the clients, and a group holds its first batch's replies until the last batch in
 # it is applied: the leader groups only when it has fallen behind (3 waiting), and at most 3 batches, so a
 # reply waits for at most two more applies. Larger groups or smaller backlogs put p99 at 50 % load past
 # 50 ms (measured in README, Performance).
-leader_grouping = Grouping(entries_max=3, backlog_entries_min=3)
+leader_grouping = Grouping(entries_max=3, backlog_entries_min=3, command_bytes_max=group_command_bytes_max)
 
 
 class ApplyStopped(RuntimeError):
@@ -158,7 +171,8 @@ class ApplyThread:
         grouping = self.grouping
         if self._queue.qsize() < grouping.backlog_entries_min:
             return group, False
-        while len(group) < grouping.entries_max:
+        group_bytes = len(item[1])
+        while len(group) < grouping.entries_max and not (0 < grouping.command_bytes_max <= group_bytes):
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -166,6 +180,7 @@ class ApplyThread:
             if item is None:
                 return group, True
             group.append(item)
+            group_bytes += len(item[1])
         return group, False
 
     def _run(self) -> None:
