@@ -49,9 +49,9 @@ class Grouping:
 # a page of heap and, after the commit, keeps those pages for the next transactions: its list of free dirty
 # pages is only given back when the environment closes. So the node's heap keeps the most pages one
 # transaction ever changed, and with a large state that is two account pages (8 KiB) a transfer: a group of 8
-# full 48 KiB batches (about 2,100 transfers of 184 bytes) kept 16-17 MiB of heap at 1 million accounts,
-# memory the page cache lacked under a 300 MB limit (README, "Memory under a limit"). 96 KiB is two full
-# batches, some 4 MiB of such pages.
+# full 48 KiB batches (about 2,100 transfers of 184 bytes) left 20.6 MiB of heap at 1 million accounts, two
+# 5.3 MiB (README, "Memory under a limit"): memory the page cache lacked under a 300 MB limit. 96 KiB is two
+# full batches.
 group_command_bytes_max = 96 * 1024
 # A follower's apply only has to keep up: it groups whatever waits, up to 8 batches and the bytes above. A
 # commit's fsyncs cost 0.3-3.4 ms on the bench machine's disk (p50-p90), applying two full batches 30-75 ms,
