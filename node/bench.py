@@ -251,29 +251,27 @@ def node_memory(pid: int) -> dict[str, int]:
     return fields
 
 
-def _thread_cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, str], float]:
-    """`tonle_thread_cpu_seconds_total` summed over the network's nodes, by (thread, mode)."""
-    totals: dict[tuple[str, str], float] = {}
+def _summed_counter(cluster: LocalCluster, family_name: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """One counter family from every node's /metrics, summed over the network's nodes by the `labels` values."""
+    totals: dict[tuple[str, ...], float] = {}
     for name in cluster.nodes:
         _code, text = cluster.admin_get(name, "/metrics", timeout_seconds=metrics_timeout_seconds)
         for family in text_string_to_metric_families(text):
-            if family.name == "tonle_thread_cpu_seconds":
+            if family.name == family_name:
                 for sample in family.samples:
-                    key = (sample.labels["thread"], sample.labels["mode"])
+                    key = tuple(sample.labels[label] for label in labels)
                     totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
+def _thread_cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, str], float]:
+    """`tonle_thread_cpu_seconds_total` summed over the network's nodes, by (thread, mode)."""
+    return _summed_counter(cluster, "tonle_thread_cpu_seconds", ("thread", "mode"))
+
+
 def thread_major_faults(cluster: LocalCluster) -> dict[str, float]:
     """`tonle_thread_major_page_faults_total` summed over the network's nodes, by thread job."""
-    totals: dict[str, float] = {}
-    for name in cluster.nodes:
-        _code, text = cluster.admin_get(name, "/metrics", timeout_seconds=metrics_timeout_seconds)
-        for family in text_string_to_metric_families(text):
-            if family.name == "tonle_thread_major_page_faults":
-                for sample in family.samples:
-                    totals[sample.labels["thread"]] = totals.get(sample.labels["thread"], 0.0) + sample.value
-    return totals
+    return {thread: count for (thread,), count in _summed_counter(cluster, "tonle_thread_major_page_faults", ("thread",)).items()}
 
 
 def entry_hash_index_lag(cluster: LocalCluster) -> int:
