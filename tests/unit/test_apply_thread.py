@@ -187,23 +187,22 @@ def test_a_grouping_below_one_entry_is_refused():
         Grouping(entries_max=8, backlog_entries_min=1, command_bytes_max=-1)
 
 
-def test_a_group_ends_with_the_entry_that_takes_it_to_its_byte_bound():
-    grouping = Grouping(entries_max=8, backlog_entries_min=1, command_bytes_max=250)
+@pytest.mark.parametrize(
+    ("command_bytes_max", "groups"),
+    [
+        # 2..4 reach 300 bytes, over 250 after the third: the group ends there, whatever entries_max allows.
+        (250, [1, 3, 3, 1]),
+        # An entry larger than the bound is still applied, alone.
+        (50, [1, 1, 1, 1, 1, 1, 1, 1]),
+    ],
+)
+def test_a_group_ends_with_the_entry_that_takes_it_to_its_byte_bound(command_bytes_max: int, groups: list[int]):
+    grouping = Grouping(entries_max=8, backlog_entries_min=1, command_bytes_max=command_bytes_max)
     thread, apply = _held_thread(8, queue_entries_max=16, grouping=grouping, command=bytes(100))
     apply.release.set()
     thread.drain()
-    # 2..4 reach 300 bytes, over 250 after the third: the group ends there, whatever entries_max allows.
-    assert apply.groups == [1, 3, 3, 1]
+    assert apply.groups == groups
     assert [index for index, _ in apply.applied] == list(range(1, 9))
-    assert thread.stop(wait_seconds)
-
-
-def test_an_entry_larger_than_the_byte_bound_is_still_applied_alone():
-    grouping = Grouping(entries_max=8, backlog_entries_min=1, command_bytes_max=50)
-    thread, apply = _held_thread(4, queue_entries_max=16, grouping=grouping, command=bytes(100))
-    apply.release.set()
-    thread.drain()
-    assert apply.groups == [1, 1, 1, 1]
     assert thread.stop(wait_seconds)
 
 
