@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,9 @@ _unhashed_database_names = ("meta", "archive", "heads")
 _database_names = (*_unhashed_database_names, *_state_database_names)
 databases_max = 32
 readers_max = 256
+# write_environment_in_full_pages commits after about this many bytes of records: LMDB keeps in heap, for the
+# life of the environment, as many pages as one write transaction changed (4 MiB of records fill about 1,000).
+copy_transaction_bytes_max = 4 << 20
 # `LedgerStore.compact` copies a database here and back within one write transaction.
 _compaction_scratch_name = b"compaction.scratch"
 
@@ -160,29 +165,116 @@ def open_environment(
     )
 
 
+class _Generation:
+    """One open LMDB environment of a store, and its named databases.
+
+    Installing a snapshot puts a new environment in place of the old one (LedgerStore.replace_with). Every
+    transaction holds its generation, so the old environment is closed when the last transaction begun on it
+    is gone (CPython frees an object when its last reference goes): a reader that began before the install
+    finishes on the state it began with instead of failing on a closed environment. No lock or count is
+    needed, and this module stays free of threading (tests/unit/test_purity.py)."""
+
+    def __init__(self, environment: lmdb.Environment, databases: dict[str, lmdb._Database]) -> None:
+        self.environment = environment
+        self.databases = databases
+        # Set once another generation has taken this one's place: a writer that waited for this one's write
+        # lock starts again on the current generation.
+        self.retired = False
+        self.closing = weakref.finalize(self, environment.close)
+
+
 class LedgerStore:
     """An open LMDB environment holding one node's ledger state."""
 
     def __init__(self, path: Path, *, map_size_bytes: int, sync: bool = True, readonly: bool = False) -> None:
         if not readonly:
-            path.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _finish_interrupted_replacement(path)
+            path.mkdir(exist_ok=True)
         self.path = path
+        self._map_size_bytes = map_size_bytes
+        self._sync = sync
+        self._readonly = readonly
+        self._generation = self._open_generation(path)
+
+    def _open_generation(self, path: Path) -> _Generation:
         # sync+metasync make a committed transaction durable before commit returns.
-        self.environment = open_environment(
-            path, map_size_bytes=map_size_bytes, sync=sync, metasync=sync, readonly=readonly, databases_max=databases_max
+        environment = open_environment(
+            path,
+            map_size_bytes=self._map_size_bytes,
+            sync=self._sync,
+            metasync=self._sync,
+            readonly=self._readonly,
+            databases_max=databases_max,
         )
-        self.databases = {
-            name: self.environment.open_db(name.encode(), create=not readonly) for name in _database_names
-        }
+        try:
+            databases = {name: environment.open_db(name.encode(), create=not self._readonly) for name in _database_names}
+        except BaseException:
+            environment.close()
+            raise
+        return _Generation(environment, databases)
+
+    @property
+    def environment(self) -> lmdb.Environment:
+        return self._generation.environment
+
+    @property
+    def databases(self) -> dict[str, lmdb._Database]:
+        return self._generation.databases
 
     def close(self) -> None:
-        self.environment.close()
+        self._generation.closing()
 
     def write(self) -> StateTransaction:
-        return StateTransaction(self, self.environment.begin(write=True))
+        while True:
+            generation = self._generation
+            transaction = generation.environment.begin(write=True)
+            # A writer that waited for the write lock of an environment replace_with has since retired
+            # would write into the replaced state: it starts again on the current one.
+            if not generation.retired:
+                return StateTransaction(self, generation, transaction)
+            transaction.abort()
 
     def read(self) -> StateTransaction:
-        return StateTransaction(self, self.environment.begin(write=False, buffers=False))
+        generation = self._generation
+        return StateTransaction(self, generation, generation.environment.begin(write=False, buffers=False))
+
+    def replace_with(self, directory: Path) -> None:
+        """Put the LMDB environment in `directory` (written, synced and closed: a snapshot's checked records,
+        write_environment_in_full_pages) in place of this store's, all at once.
+
+        The swap is two renames in the store's parent directory: the state directory to `<name>.retired`,
+        then `directory` to the state directory. A crash between them leaves only the retired one, which
+        the next open puts back (the node then installs the snapshot again from its file); a crash after
+        them leaves both, and the next open removes the retired one. Holding the old environment's write
+        lock across the swap keeps every writer out of it; readers that began before it finish on it."""
+        if self._readonly:
+            raise ValueError("a read-only store cannot be replaced")
+        retired_path = _retired_path(self.path)
+        old = self._generation
+        blocker = old.environment.begin(write=True)
+        try:
+            if retired_path.exists():
+                shutil.rmtree(retired_path)
+            os.rename(self.path, retired_path)
+            try:
+                os.rename(directory, self.path)
+            except BaseException:
+                os.rename(retired_path, self.path)
+                raise
+            _sync_directory(self.path.parent)
+            try:
+                self._generation = self._open_generation(self.path)
+            except BaseException as error:
+                # The new state is in place on disk but cannot be opened here: the node must stop, and the
+                # next start opens it (or fails the same way, with the cause in front of the operator).
+                raise StorageCorrupted(f"installed state at {self.path} cannot be opened: {error!r}") from error
+            old.retired = True
+        finally:
+            blocker.abort()
+        del old, blocker  # the old environment closes now unless a transaction still holds it
+        # The retired files are unlinked now; an open environment's mapping keeps them readable until closed.
+        shutil.rmtree(retired_path, ignore_errors=True)
 
     def summary(self) -> StateSummary:
         with self.read() as transaction:
@@ -200,7 +292,10 @@ class LedgerStore:
         """Write a consistent, compact copy of the environment (an LMDB data file) to a file or pipe, from its
         current position: the view of `as_of` (a read transaction the caller also read the summary from), or
         of a fresh read transaction. Call it on the thread that opened `as_of`."""
-        self.environment.copyfd(descriptor, compact=True, txn=None if as_of is None else as_of._transaction)
+        if as_of is None:
+            self.environment.copyfd(descriptor, compact=True)
+        else:
+            as_of._generation.environment.copyfd(descriptor, compact=True, txn=as_of._transaction)
 
     def compact(self, names: tuple[str, ...] | None = None) -> list[CompactedDatabase]:
         """Rewrite databases so that every B-tree page is full, as `etcdctl defrag` does for bbolt.
@@ -259,10 +354,17 @@ class StateTransaction:
     aborts it, so nothing is ever half-applied.
     """
 
-    def __init__(self, store: LedgerStore, transaction: lmdb.Transaction, parent: StateTransaction | None = None) -> None:
+    def __init__(
+        self,
+        store: LedgerStore,
+        generation: _Generation,
+        transaction: lmdb.Transaction,
+        parent: StateTransaction | None = None,
+    ) -> None:
         self._store = store
+        self._generation = generation
         self._transaction = transaction
-        self._databases = store.databases
+        self._databases = generation.databases
         self._parent = parent
         self._state_hash: int | None = None if parent is None else parent._current_state_hash()
         self._state_hash_changed = False
@@ -275,8 +377,8 @@ class StateTransaction:
         """A child write transaction: committing it folds its writes (and state hash) into this one,
         aborting it leaves this one exactly as it was. Linked chains apply all-or-nothing through it."""
         self._current_state_hash()  # read before the child exists: a parent with a child cannot be read
-        child = self._store.environment.begin(write=True, parent=self._transaction)
-        return StateTransaction(self._store, child, parent=self)
+        child = self._generation.environment.begin(write=True, parent=self._transaction)
+        return StateTransaction(self._store, self._generation, child, parent=self)
 
     def __enter__(self) -> StateTransaction:
         return self
@@ -285,7 +387,7 @@ class StateTransaction:
         if exception_type is None:
             self.commit()
         else:
-            self._transaction.abort()
+            self.abort()
 
     def commit(self) -> None:
         if self._parent is not None:
@@ -460,26 +562,100 @@ class StateTransaction:
         return (total % state_hash_modulus).to_bytes(state_hash_bytes, "big")
 
     def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
-        """Every record of every database, sealed bytes as stored: what a snapshot install copies."""
+        """Every record of every database, sealed bytes as stored, each database in key order."""
         for database in _database_names:
             with self._transaction.cursor(db=self._databases[database]) as cursor:
                 for key, stored in cursor:
                     yield database, key, stored
 
-    def replace_all(self, records: Iterator[tuple[str, bytes, bytes]]) -> None:
-        """Drop every record and load `records` (as produced by `dump`: each database in key order), verifying
-        each seal. Appended, so LMDB fills each page before it starts the next: a node that installed a
-        snapshot holds its state in as few pages as `compact` would leave (put in key order without append,
-        LMDB splits each full page in half and the databases end half empty)."""
-        for handle in self._databases.values():
-            self._transaction.drop(handle, delete=False)
-        for database, key, stored in records:
-            if database not in self._databases:
-                raise StorageCorrupted(f"snapshot names an unknown database {database!r}")
-            _open(database.encode(), key, stored)
-            if not self._transaction.put(key, stored, db=self._databases[database], append=True):
-                raise StorageCorrupted(f"snapshot records of {database!r} are not in key order at {key!r}")
-        self._state_hash = None
+    def verify_records(self) -> bytes:
+        """Check a whole environment received from elsewhere (a snapshot image) and return the state hash of
+        its records: it holds no database this version does not know, and every record of every database
+        passes its checksum."""
+        with self._transaction.cursor() as names:
+            for name in names.iternext(keys=True, values=False):
+                if name.decode(errors="replace") not in self._databases:
+                    raise StorageCorrupted(f"snapshot holds a database this version does not know: {name!r}")
+        for database in _unhashed_database_names:
+            name = database.encode()
+            with self._transaction.cursor(db=self._databases[database]) as cursor:
+                for key, stored in cursor:
+                    _open(name, key, stored)
+        return self.recompute_state_hash()
+
+
+def write_environment_in_full_pages(source: StateTransaction, directory: Path, *, map_size_bytes: int) -> int:
+    """Copy every record `source` reads into a new environment in `directory`, in write transactions of at
+    most `copy_transaction_bytes_max` of records; returns the records copied. The environment is synced
+    once at the end and closed, ready for LedgerStore.replace_with.
+
+    Appended in key order, so LMDB fills each page before it starts the next: the copy holds its records in
+    as few pages as `compact` would leave, whatever the source's pages (LMDB's own compact copy keeps each
+    page as it was: a source whose pages are half empty would stay so). Bounded, because a write
+    transaction keeps every page it changes in heap and LMDB keeps those pages afterwards for later ones:
+    copying a state of a few hundred MiB in one transaction would take as much heap for the life of the
+    process, more than a node limited to 300 MB has."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # Synced once at the end: a crash before it leaves a scratch directory the install starts again from.
+    environment = open_environment(
+        directory, map_size_bytes=map_size_bytes, sync=False, metasync=False, databases_max=databases_max
+    )
+    copied = 0
+    try:
+        for name in _database_names:
+            target = environment.open_db(name.encode(), create=True)
+            with source._transaction.cursor(db=source._databases[name]) as cursor:
+                records = cursor.iternext(keys=True, values=True)
+                while True:
+                    chunk, chunk_bytes = [], 0
+                    for key, stored in records:
+                        chunk.append((key, stored))
+                        chunk_bytes += len(key) + len(stored)
+                        if chunk_bytes >= copy_transaction_bytes_max:
+                            break
+                    if not chunk:
+                        break
+                    with environment.begin(write=True) as transaction, transaction.cursor(target) as appender:
+                        consumed, added = appender.putmulti(chunk, append=True)
+                    if consumed != added:
+                        raise StorageCorrupted(f"records of {name!r} did not arrive in key order")
+                    copied += added
+        environment.sync(True)
+    finally:
+        environment.close()
+    return copied
+
+
+def _retired_path(path: Path) -> Path:
+    return path.with_name(path.name + ".retired")
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replacement_scratch_prefix(path: Path) -> str:
+    """The name prefix of the scratch directories, beside the state at `path`, its replacement is built in."""
+    return f".{path.name}.install-"
+
+
+def _finish_interrupted_replacement(path: Path) -> None:
+    """Complete or undo a LedgerStore.replace_with that a crash interrupted, before the state is opened, and
+    remove the scratch directories of installs a crash cut short (each up to twice the state's size)."""
+    for scratch in path.parent.glob(replacement_scratch_prefix(path) + "*"):
+        shutil.rmtree(scratch)
+    retired = _retired_path(path)
+    if not retired.exists():
+        return
+    if path.exists():
+        shutil.rmtree(retired)  # the new state was in place: the retired one is what the crash left
+    else:
+        os.rename(retired, path)  # between the renames: the old state is still whole
+    _sync_directory(path.parent)
 
 
 def open_store(data_dir: Path, *, map_size_bytes: int, sync: bool = True) -> LedgerStore:

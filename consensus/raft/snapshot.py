@@ -17,7 +17,14 @@ from typing import Any, BinaryIO
 import lmdb
 
 from consensus.codec import CodecError, is_integer, pack, unpack
-from storage.state import LedgerStore, StateTransaction, StorageCorrupted, schema_version
+from storage.state import (
+    LedgerStore,
+    StateTransaction,
+    StorageCorrupted,
+    replacement_scratch_prefix,
+    schema_version,
+    write_environment_in_full_pages,
+)
 
 snapshot_magic = b"TONLESNP"
 # Version 1 put the image's length before the image; version 2 puts it after, so a writer can stream the
@@ -245,40 +252,46 @@ def read_header(path: Path) -> tuple[SnapshotHeader, int, int]:
 
 
 def install_snapshot(path: Path, header: SnapshotHeader, image_offset: int, image_length: int, store: LedgerStore) -> None:
-    """Replace the store's contents with the snapshot image in one write transaction.
+    """Replace the store's state with the snapshot image, all at once or not at all.
 
-    The image is opened read-only from a scratch copy; every record's checksum is verified as it is
-    copied, and the state hash recomputed from the copied records must equal the one the snapshot claims,
-    so damaged or forged state is refused before anything is committed.
+    The image (an LMDB data file) is copied beside the state, opened read-only and checked in place: every
+    record's checksum, no database this version does not know, the state hash recomputed from the records
+    equal to the one the snapshot claims, its index and layout. Damaged or forged state is refused before
+    the store is touched. The records are then appended to a new environment in bounded transactions
+    (write_environment_in_full_pages: a single one would hold about the state's size in heap for the rest
+    of the process), which takes the state's place (LedgerStore.replace_with).
     """
-    with tempfile.TemporaryDirectory(dir=store.path.parent, prefix=".install-") as scratch:
-        image_path = Path(scratch) / "data.mdb"
-        with open(path, "rb") as source, open(image_path, "wb") as output:
+    with tempfile.TemporaryDirectory(dir=store.path.parent, prefix=replacement_scratch_prefix(store.path)) as scratch:
+        image_directory = Path(scratch) / "image"
+        image_directory.mkdir()
+        with open(path, "rb") as source, open(image_directory / "data.mdb", "wb") as output:
             source.seek(image_offset)
             for chunk in _read_dropping_behind(source, image_length):
                 output.write(chunk)
         try:
-            image = LedgerStore(Path(scratch), map_size_bytes=max(image_length, 1 << 20), readonly=True)
+            image = LedgerStore(image_directory, map_size_bytes=max(image_length, 1 << 20), readonly=True)
         except lmdb.Error as error:
             raise SnapshotError(f"snapshot image is not a valid LMDB environment: {error}") from None
+        state_directory = Path(scratch) / "state"
         try:
-            with image.read() as reader, store.write() as transaction:
-                transaction.replace_all(reader.dump())
-                if transaction.recompute_state_hash() != header.state_hash:
+            with image.read() as reader:
+                if reader.verify_records() != header.state_hash:
                     raise StorageCorrupted("snapshot records do not hash to the state hash it claims")
-                if transaction.state_hash() != header.state_hash:
+                if reader.state_hash() != header.state_hash:
                     raise StorageCorrupted("snapshot's recorded state hash is not the one its header claims")
-                if transaction.applied_index() != header.applied_index:
+                if reader.applied_index() != header.applied_index:
                     raise StorageCorrupted("snapshot state is not at the index its header claims")
                 # A leader of another version may send a state this code would misread record by record.
-                layout = transaction.stored_schema_version()
+                layout = reader.stored_schema_version()
                 if layout != schema_version:
                     raise SnapshotError(
                         f"snapshot state is in layout {layout}; this node reads layout {schema_version}: "
                         "every node of a network must run a version with the same state layout"
                     )
+                write_environment_in_full_pages(reader, state_directory, map_size_bytes=store.map_size_bytes())
         finally:
             image.close()
+        store.replace_with(state_directory)
 
 
 def restore_from_snapshot(

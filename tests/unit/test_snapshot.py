@@ -8,10 +8,15 @@ import mmap
 import os
 import pathlib
 import struct
+import subprocess
+import sys
 import threading
+import time
 
+import lmdb
 import pytest
 
+import storage.state
 from consensus.entries import Issue, OpenAccount, Transfer, signature_is_valid
 from consensus.raft import snapshot
 from consensus.raft.snapshot import (
@@ -24,7 +29,7 @@ from consensus.raft.snapshot import (
 )
 from storage import queries
 from storage.rules import apply_batch, initialize
-from storage.state import LedgerStore, StorageCorrupted, schema_version
+from storage.state import LedgerStore, StorageCorrupted, schema_version, write_environment_in_full_pages
 from tests.ledger_fixtures import batch, make_network
 
 
@@ -305,3 +310,181 @@ def test_a_snapshot_that_cannot_be_written_raises_the_write_error_instead_of_han
     assert len(outcome) == 1 and isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC, outcome
     with store.write() as transaction:  # the store is not left with a stuck reader or writer
         transaction.applied_index()
+
+
+_heap_probe = """
+import gc, sys
+from pathlib import Path
+from consensus.raft.snapshot import restore_from_snapshot
+from storage.state import LedgerStore
+
+def anonymous_bytes():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+store = LedgerStore(Path(sys.argv[1]), map_size_bytes=1 << 30)
+store.summary()
+before = anonymous_bytes()
+_header, installed = restore_from_snapshot(Path(sys.argv[2]), store, sys.argv[3])
+gc.collect()
+print(installed, anonymous_bytes() - before)
+"""
+
+
+def test_installing_a_snapshot_leaves_no_more_heap_behind_than_one_bounded_transaction(tmp_path, network):
+    # LMDB copies each page a write transaction changes into heap and keeps those pages for later
+    # transactions: installed in one transaction, a 48 MiB state left about 48 MiB of heap for the life of
+    # the process (a 300 MB node could not install a state of a few hundred MiB at all).
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 3)
+    record_count = 320_000
+    for start in range(0, record_count, 40_000):
+        with source.write() as transaction:
+            for number in range(start, start + 40_000):
+                transaction.put_unhashed("archive", number.to_bytes(8, "big"), bytes(128))
+    assert source.used_bytes() > 48 << 20
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(source, path, network)
+    result = subprocess.run(
+        [sys.executable, "-c", _heap_probe, str(tmp_path / "b"), str(path), network.genesis.cluster_id],
+        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    installed, grown_bytes = result.stdout.split()
+    assert installed == "True"
+    # The copy's transactions hold about copy_transaction_bytes_max of records (4 MiB) each.
+    assert int(grown_bytes) < 16 << 20, f"installing left {int(grown_bytes) >> 20} MiB more heap"
+    target = LedgerStore(tmp_path / "b", map_size_bytes=1 << 30)
+    assert target.summary() == source.summary()
+    with target.read() as transaction:
+        assert sum(1 for _ in transaction.items("archive")) == record_count
+
+
+def test_a_state_is_copied_in_transactions_of_at_most_the_byte_bound(tmp_path, network, monkeypatch):
+    monkeypatch.setattr(storage.state, "copy_transaction_bytes_max", 16 << 10)
+    source = new_store(tmp_path / "a", network)
+    with source.write() as transaction:
+        for number in range(2_000):
+            transaction.put_unhashed("archive", number.to_bytes(8, "big"), bytes(100))
+    with source.read() as reader:
+        copied = write_environment_in_full_pages(reader, tmp_path / "copy", map_size_bytes=64 << 20)
+        assert copied == sum(1 for _ in reader.dump())
+    copy = lmdb.open(str(tmp_path / "copy"), readonly=True, max_dbs=64)
+    try:
+        # 2,000 archive records of 8 + 108 bytes are 232,000 bytes: at least 14 transactions of 16 KiB.
+        assert copy.info()["last_txnid"] >= 15
+    finally:
+        copy.close()
+
+
+def test_a_reader_that_began_before_an_install_finishes_on_the_state_it_began_with(tmp_path, network):
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 6)
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(source, path, network)
+    target = new_store(tmp_path / "b", network)
+    before = target.summary()
+    old_environment = target.environment
+    reader = target.read()
+    _header, installed = restore_from_snapshot(path, target, network.genesis.cluster_id)
+    assert installed
+    assert reader.summary() == before
+    assert queries.balance(reader, "settlement.khr@aba")["balance"] == 0
+    old_environment.info()  # still open for the reader
+    reader.commit()
+    del reader
+    assert target.summary() == source.summary()
+    with pytest.raises(lmdb.Error):
+        old_environment.info()  # closed once its last reader is gone
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["a", "b", "snapshot.bin"]
+
+
+def test_a_writer_waiting_while_the_state_is_replaced_writes_into_the_new_state(tmp_path, network, monkeypatch):
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 6)
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(source, path, network)
+    target = new_store(tmp_path / "b", network)
+    old_environment = target.environment
+    began = threading.Semaphore(0)
+
+    class CountingBegins:
+        """The old environment, signalling each transaction begun on it."""
+
+        def begin(self, **options):
+            began.release()
+            return old_environment.begin(**options)
+
+        def __getattr__(self, name):
+            return getattr(old_environment, name)
+
+    target._generation.environment = CountingBegins()
+    writer_errors: list[BaseException] = []
+
+    def write_a_head() -> None:
+        try:
+            with target.write() as transaction:
+                transaction.put_unhashed("heads", b"late", b"written during the swap")
+        except BaseException as error:  # noqa: BLE001 - reported below
+            writer_errors.append(error)
+
+    writer = threading.Thread(target=write_a_head)
+    sync_directory = storage.state._sync_directory
+
+    def start_a_writer_during_the_swap(directory) -> None:
+        # The swap holds the old environment's write lock (its begin was the last one): the writer waits for it.
+        while began.acquire(blocking=False):
+            pass  # the begins so far: the install's own
+        writer.start()
+        assert began.acquire(timeout=30), "the writer never began"
+        time.sleep(0.05)  # into LMDB's wait for the lock; if not yet, it begins on the new state, also right
+        sync_directory(directory)
+
+    monkeypatch.setattr(storage.state, "_sync_directory", start_a_writer_during_the_swap)
+    _header, installed = restore_from_snapshot(path, target, network.genesis.cluster_id)
+    writer.join(timeout=30)
+    assert installed and not writer.is_alive() and not writer_errors
+    with target.read() as transaction:
+        assert transaction.get("heads", b"late") == b"written during the swap"
+    assert target.summary() == source.summary()
+    with pytest.raises(lmdb.Error):
+        old_environment.info()
+
+
+def test_a_snapshot_holding_a_database_this_version_does_not_know_installs_nothing(tmp_path, network):
+    source = new_store(tmp_path / "a", network)
+    advance(source, network, 5)
+    with source.environment.begin(write=True) as transaction:
+        extra = source.environment.open_db(b"unknown", txn=transaction)
+        transaction.put(b"key", b"value", db=extra)
+    snapshot_of(source, tmp_path / "snapshot.bin", network)
+    target = new_store(tmp_path / "b", network)
+    before = target.summary()
+    with pytest.raises(StorageCorrupted, match="does not know: b'unknown'"):
+        restore_from_snapshot(tmp_path / "snapshot.bin", target, network.genesis.cluster_id)
+    assert target.summary() == before
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["a", "b", "snapshot.bin"]
+
+
+def test_a_crash_between_the_renames_of_an_install_leaves_the_old_state_to_open(tmp_path, network):
+    store = new_store(tmp_path / "state", network)
+    advance(store, network, 3)
+    before = store.summary()
+    store.close()
+    os.rename(tmp_path / "state", tmp_path / "state.retired")
+    (tmp_path / ".state.install-x1" / "state").mkdir(parents=True)  # the new state, left in its scratch directory
+    reopened = LedgerStore(tmp_path / "state", map_size_bytes=64 << 20)
+    assert reopened.summary() == before
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["state"]
+
+
+def test_a_crash_after_the_renames_of_an_install_leaves_the_new_state_to_open(tmp_path, network):
+    old = new_store(tmp_path / "state.retired", network)
+    old.close()
+    new = new_store(tmp_path / "state", network)
+    advance(new, network, 3)
+    after = new.summary()
+    new.close()
+    reopened = LedgerStore(tmp_path / "state", map_size_bytes=64 << 20)
+    assert reopened.summary() == after
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["state"]
