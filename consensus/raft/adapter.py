@@ -736,12 +736,15 @@ class RaftNode:
         with self._apply_lock:
             applied_before = self._store.summary().applied_index
             path = Path(file_name)
+            started = monotonic_time()
             header, installed = restore_from_snapshot(
                 path, self._store, self._genesis.cluster_id, verified=self._read_snapshot_header(path)
             )
+            seconds = monotonic_time() - started
         if installed:
             # The state's own applied index before (the log prefix shows pysyncobj's, which can differ).
-            logger.warning("installed snapshot: state now at index %d (was at %d)", header.applied_index, applied_before)
+            logger.warning("installed snapshot: state now at index %d (was at %d), %.1f MiB in %.1f s",
+                           header.applied_index, applied_before, self._store.used_bytes() / (1 << 20), seconds)
         else:
             logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
         voters = {TCPNode(address) for address in header.voters}
