@@ -19,6 +19,7 @@ import pytest
 import storage.state
 from consensus.entries import Issue, OpenAccount, Transfer, signature_is_valid
 from consensus.raft import snapshot
+from node.memory_limit import MemoryCgroup, MemoryLimitUnavailable
 from consensus.raft.snapshot import (
     SnapshotError,
     SnapshotHeader,
@@ -42,8 +43,8 @@ def network():
     return make_network()
 
 
-def new_store(path, network) -> LedgerStore:
-    store = LedgerStore(path, map_size_bytes=64 << 20)
+def new_store(path, network, map_size_bytes: int = 64 << 20) -> LedgerStore:
+    store = LedgerStore(path, map_size_bytes=map_size_bytes)
     with store.write() as transaction:
         initialize(transaction, network.genesis)
     return store
@@ -335,7 +336,7 @@ def test_installing_a_snapshot_leaves_no_more_heap_behind_than_one_bounded_trans
     # LMDB copies each page a write transaction changes into heap and keeps those pages for later
     # transactions: installed in one transaction, a 48 MiB state left about 48 MiB of heap for the life of
     # the process (a 300 MB node could not install a state of a few hundred MiB at all).
-    source = new_store(tmp_path / "a", network)
+    source = new_store(tmp_path / "a", network, map_size_bytes=1 << 30)
     advance(source, network, 3)
     record_count = 320_000
     for start in range(0, record_count, 40_000):
@@ -488,3 +489,34 @@ def test_a_crash_after_the_renames_of_an_install_leaves_the_new_state_to_open(tm
     reopened = LedgerStore(tmp_path / "state", map_size_bytes=64 << 20)
     assert reopened.summary() == after
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["state"]
+
+
+def test_a_process_limited_to_less_memory_than_the_state_installs_a_snapshot_of_it(tmp_path, network):
+    # Installed in one write transaction, the state's changed pages stayed in heap: a 160 MiB state took a
+    # process limited to 96 MiB over its limit and the kernel killed it (a 1.1 GiB state did the same to a
+    # 300 MB one). Page cache is charged too, but the kernel can take it back.
+    try:
+        cgroup = MemoryCgroup.create("install", 96 << 20)
+    except MemoryLimitUnavailable as error:
+        pytest.skip(f"memory cgroups need root and a memory controller: {error}")
+    try:
+        source = new_store(tmp_path / "a", network, map_size_bytes=1 << 30)
+        advance(source, network, 3)
+        for start in range(0, 80_000, 20_000):
+            with source.write() as transaction:
+                for number in range(start, start + 20_000):
+                    transaction.put_unhashed("archive", number.to_bytes(8, "big"), bytes(1000))
+        assert source.used_bytes() > 150 << 20
+        path = tmp_path / "snapshot.bin"
+        snapshot_of(source, path, network)
+        result = subprocess.run(
+            cgroup.command([sys.executable, "-c", _heap_probe, str(tmp_path / "b"), str(path), network.genesis.cluster_id]),
+            capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).resolve().parents[2],
+        )
+        assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+        assert cgroup.out_of_memory_kills() == 0
+        assert result.stdout.split()[0] == "True"
+    finally:
+        cgroup.remove()
+    target = LedgerStore(tmp_path / "b", map_size_bytes=1 << 30)
+    assert target.summary() == source.summary()
