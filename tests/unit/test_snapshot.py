@@ -332,29 +332,45 @@ print(installed, anonymous_bytes() - before)
 """
 
 
+def _large_snapshot(tmp_path, network, record_count: int, value_bytes: int, state_bytes_min: int) -> tuple[LedgerStore, pathlib.Path]:
+    """A store grown past `state_bytes_min` by archive records (outside the state hash, so quick to write),
+    and a snapshot of it."""
+    source = new_store(tmp_path / "a", network, map_size_bytes=1 << 30)
+    advance(source, network, 3)
+    step = 20_000
+    for start in range(0, record_count, step):
+        with source.write() as transaction:
+            for number in range(start, min(start + step, record_count)):
+                transaction.put_unhashed("archive", number.to_bytes(8, "big"), bytes(value_bytes))
+    assert source.used_bytes() > state_bytes_min
+    path = tmp_path / "snapshot.bin"
+    snapshot_of(source, path, network)
+    return source, path
+
+
+def _install_in_a_process(command_prefix: list[str], target, path, network) -> tuple[bool, int]:
+    """Install the snapshot at `path` into a new store at `target` in a process of its own (started under
+    `command_prefix`); returns whether it was installed and how much its heap grew."""
+    program = [sys.executable, "-c", _heap_probe, str(target), str(path), network.genesis.cluster_id]
+    result = subprocess.run(
+        [*command_prefix, *program],
+        capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    installed, grown_bytes = result.stdout.split()
+    return installed == "True", int(grown_bytes)
+
+
 def test_installing_a_snapshot_leaves_no_more_heap_behind_than_one_bounded_transaction(tmp_path, network):
     # LMDB copies each page a write transaction changes into heap and keeps those pages for later
     # transactions: installed in one transaction, a 48 MiB state left about 48 MiB of heap for the life of
     # the process (a 300 MB node could not install a state of a few hundred MiB at all).
-    source = new_store(tmp_path / "a", network, map_size_bytes=1 << 30)
-    advance(source, network, 3)
     record_count = 320_000
-    for start in range(0, record_count, 40_000):
-        with source.write() as transaction:
-            for number in range(start, start + 40_000):
-                transaction.put_unhashed("archive", number.to_bytes(8, "big"), bytes(128))
-    assert source.used_bytes() > 48 << 20
-    path = tmp_path / "snapshot.bin"
-    snapshot_of(source, path, network)
-    result = subprocess.run(
-        [sys.executable, "-c", _heap_probe, str(tmp_path / "b"), str(path), network.genesis.cluster_id],
-        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).resolve().parents[2],
-    )
-    assert result.returncode == 0, result.stderr
-    installed, grown_bytes = result.stdout.split()
-    assert installed == "True"
+    source, path = _large_snapshot(tmp_path, network, record_count, 128, 48 << 20)
+    installed, grown_bytes = _install_in_a_process([], tmp_path / "b", path, network)
+    assert installed
     # The copy's transactions hold about copy_transaction_bytes_max of records (4 MiB) each.
-    assert int(grown_bytes) < 16 << 20, f"installing left {int(grown_bytes) >> 20} MiB more heap"
+    assert grown_bytes < 16 << 20, f"installing left {grown_bytes >> 20} MiB more heap"
     target = LedgerStore(tmp_path / "b", map_size_bytes=1 << 30)
     assert target.summary() == source.summary()
     with target.read() as transaction:
@@ -500,22 +516,10 @@ def test_a_process_limited_to_less_memory_than_the_state_installs_a_snapshot_of_
     except MemoryLimitUnavailable as error:
         pytest.skip(f"memory cgroups need root and a memory controller: {error}")
     try:
-        source = new_store(tmp_path / "a", network, map_size_bytes=1 << 30)
-        advance(source, network, 3)
-        for start in range(0, 80_000, 20_000):
-            with source.write() as transaction:
-                for number in range(start, start + 20_000):
-                    transaction.put_unhashed("archive", number.to_bytes(8, "big"), bytes(1000))
-        assert source.used_bytes() > 150 << 20
-        path = tmp_path / "snapshot.bin"
-        snapshot_of(source, path, network)
-        result = subprocess.run(
-            cgroup.command([sys.executable, "-c", _heap_probe, str(tmp_path / "b"), str(path), network.genesis.cluster_id]),
-            capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).resolve().parents[2],
-        )
-        assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+        source, path = _large_snapshot(tmp_path, network, 80_000, 1000, 150 << 20)
+        installed, _grown_bytes = _install_in_a_process(cgroup.command([]), tmp_path / "b", path, network)
+        assert installed
         assert cgroup.out_of_memory_kills() == 0
-        assert result.stdout.split()[0] == "True"
     finally:
         cgroup.remove()
     target = LedgerStore(tmp_path / "b", map_size_bytes=1 << 30)
