@@ -13,6 +13,8 @@ from pathlib import Path
 
 import lmdb
 
+from config.keys import sync_directory
+
 # 2: history appended in apply order and linked per account, with per-account checkpoints (was keyed by account).
 # 3: the entry-hash index left the state for its own environment; the state keeps an append-only hash_log.
 # 4: a transfer record points at its entry in the archived batch instead of holding a copy; receipt-tree
@@ -262,7 +264,7 @@ class LedgerStore:
             except BaseException:
                 os.rename(retired_path, self.path)
                 raise
-            _sync_directory(self.path.parent)
+            sync_directory(self.path.parent)
             try:
                 self._generation = self._open_generation(self.path)
             except BaseException as error:
@@ -630,14 +632,6 @@ def _retired_path(path: Path) -> Path:
     return path.with_name(path.name + ".retired")
 
 
-def _sync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def replacement_scratch_prefix(path: Path) -> str:
     """The name prefix of the scratch directories, beside the state at `path`, its replacement is built in."""
     return f".{path.name}.install-"
@@ -655,7 +649,7 @@ def _finish_interrupted_replacement(path: Path) -> None:
         shutil.rmtree(retired)  # the new state was in place: the retired one is what the crash left
     else:
         os.rename(retired, path)  # between the renames: the old state is still whole
-    _sync_directory(path.parent)
+    sync_directory(path.parent)
 
 
 def open_store(data_dir: Path, *, map_size_bytes: int, sync: bool = True) -> LedgerStore:

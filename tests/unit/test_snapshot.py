@@ -446,7 +446,7 @@ def test_a_writer_waiting_while_the_state_is_replaced_writes_into_the_new_state(
             writer_errors.append(error)
 
     writer = threading.Thread(target=write_a_head)
-    sync_directory = storage.state._sync_directory
+    sync_directory = storage.state.sync_directory
 
     def start_a_writer_during_the_swap(directory) -> None:
         # The swap holds the old environment's write lock (its begin was the last one): the writer waits for it.
@@ -457,7 +457,7 @@ def test_a_writer_waiting_while_the_state_is_replaced_writes_into_the_new_state(
         time.sleep(0.05)  # into LMDB's wait for the lock; if not yet, it begins on the new state, also right
         sync_directory(directory)
 
-    monkeypatch.setattr(storage.state, "_sync_directory", start_a_writer_during_the_swap)
+    monkeypatch.setattr(storage.state, "sync_directory", start_a_writer_during_the_swap)
     _header, installed = restore_from_snapshot(path, target, network.genesis.cluster_id)
     writer.join(timeout=30)
     assert installed and not writer.is_alive() and not writer_errors
