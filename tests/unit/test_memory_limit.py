@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node.memory_limit import MemoryCgroup, MemoryLimitUnavailable, drop_from_page_cache
+from node.memory_limit import MemoryCgroup, drop_from_page_cache
+from tests.memory_cgroups import memory_cgroup_or_skip
 
 mebibyte = 2**20
 process_seconds_max = 60.0
@@ -25,10 +26,7 @@ def cgroups() -> Iterator[list[MemoryCgroup]]:
 
 
 def _limited(cgroups: list[MemoryCgroup], limit_bytes: int) -> MemoryCgroup:
-    try:
-        cgroup = MemoryCgroup.create("test", limit_bytes)
-    except MemoryLimitUnavailable as error:
-        pytest.skip(f"memory cgroups need root and a memory controller: {error}")
+    cgroup = memory_cgroup_or_skip(limit_bytes)
     cgroups.append(cgroup)
     return cgroup
 

@@ -19,7 +19,6 @@ import pytest
 import storage.state
 from consensus.entries import Issue, OpenAccount, Transfer, signature_is_valid
 from consensus.raft import snapshot
-from node.memory_limit import MemoryCgroup, MemoryLimitUnavailable
 from consensus.raft.snapshot import (
     SnapshotError,
     SnapshotHeader,
@@ -32,6 +31,7 @@ from storage import queries
 from storage.rules import apply_batch, initialize
 from storage.state import LedgerStore, StorageCorrupted, schema_version, write_environment_in_full_pages
 from tests.ledger_fixtures import batch, make_network
+from tests.memory_cgroups import memory_cgroup_or_skip
 
 
 def tid(number: int) -> bytes:
@@ -511,10 +511,7 @@ def test_a_process_limited_to_less_memory_than_the_state_installs_a_snapshot_of_
     # Installed in one write transaction, the state's changed pages stayed in heap: a 160 MiB state took a
     # process limited to 96 MiB over its limit and the kernel killed it (a 1.1 GiB state did the same to a
     # 300 MB one). Page cache is charged too, but the kernel can take it back.
-    try:
-        cgroup = MemoryCgroup.create("install", 96 << 20)
-    except MemoryLimitUnavailable as error:
-        pytest.skip(f"memory cgroups need root and a memory controller: {error}")
+    cgroup = memory_cgroup_or_skip(96 << 20)
     try:
         source, path = _large_snapshot(tmp_path, network, 80_000, 1000, 150 << 20)
         installed, _grown_bytes = _install_in_a_process(cgroup.command([]), tmp_path / "b", path, network)
