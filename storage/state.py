@@ -563,13 +563,6 @@ class StateTransaction:
                     total += _record_hash(name, key, _open(name, key, stored))
         return (total % state_hash_modulus).to_bytes(state_hash_bytes, "big")
 
-    def dump(self) -> Iterator[tuple[str, bytes, bytes]]:
-        """Every record of every database, sealed bytes as stored, each database in key order."""
-        for database in _database_names:
-            with self._transaction.cursor(db=self._databases[database]) as cursor:
-                for key, stored in cursor:
-                    yield database, key, stored
-
     def verify_records(self) -> bytes:
         """Check a whole environment received from elsewhere (a snapshot image) and return the state hash of
         its records: it holds no database this version does not know, and every record of every database

@@ -16,6 +16,12 @@ from storage.state import LedgerStore
 cluster_id = "tonle-test-1"
 
 
+def stored_records(store: LedgerStore) -> list[tuple[str, bytes, bytes]]:
+    """Every record of every database of `store`, sealed bytes as stored, each database in key order."""
+    with store.environment.begin() as transaction:
+        return [(name, key, stored) for name, handle in store.databases.items() for key, stored in transaction.cursor(handle)]
+
+
 @dataclass
 class Network:
     genesis: Genesis

@@ -14,6 +14,7 @@ import storage.state
 from node.cli import main
 from node.cluster import LocalCluster
 from storage.state import LedgerStore, StorageCorrupted, open_store, write_environment_in_full_pages
+from tests.ledger_fixtures import stored_records
 
 map_size_bytes = 256 << 20
 accounts_count = 20_000
@@ -40,11 +41,6 @@ def _fragmented_store(path: Path) -> LedgerStore:
     return store
 
 
-def _records(store: LedgerStore) -> list[tuple[str, bytes, bytes]]:
-    with store.read() as transaction:
-        return list(transaction.dump())
-
-
 def _leaf_pages(store: LedgerStore, name: str) -> int:
     with store.environment.begin() as transaction:
         return transaction.stat(store.databases[name])["leaf_pages"]
@@ -63,7 +59,7 @@ def _full_leaf_pages(store: LedgerStore, name: str) -> int:
 def test_compacting_keeps_every_record_and_the_state_hash_and_fills_the_pages(tmp_path: Path) -> None:
     store = _fragmented_store(tmp_path / "state")
     try:
-        records = _records(store)
+        records = stored_records(store)
         with store.read() as transaction:
             state_hash = transaction.state_hash()
         pages_before = _leaf_pages(store, "accounts")
@@ -75,7 +71,7 @@ def test_compacting_keeps_every_record_and_the_state_hash_and_fills_the_pages(tm
         assert compacted["accounts"].entries == accounts_count
         assert compacted["accounts"].pages_after < compacted["accounts"].pages_before
         assert _leaf_pages(store, "accounts") <= _full_leaf_pages(store, "accounts")
-        assert _records(store) == records
+        assert stored_records(store) == records
         with store.read() as transaction:
             assert transaction.state_hash() == state_hash
             assert transaction.recompute_state_hash() == state_hash
@@ -83,7 +79,7 @@ def test_compacting_keeps_every_record_and_the_state_hash_and_fills_the_pages(tm
         store.close()
     reopened = LedgerStore(tmp_path / "state", map_size_bytes=map_size_bytes, readonly=True)
     try:
-        assert _records(reopened) == records
+        assert stored_records(reopened) == records
     finally:
         reopened.close()
 
@@ -104,7 +100,7 @@ def test_compacting_only_the_named_database_leaves_the_others_alone(tmp_path: Pa
 def test_a_compaction_that_fails_leaves_the_database_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = _fragmented_store(tmp_path / "state")
     try:
-        records = _records(store)
+        records = stored_records(store)
         pages_before = _leaf_pages(store, "accounts")
         append_all = storage.state._append_all
         calls = []
@@ -120,7 +116,7 @@ def test_a_compaction_that_fails_leaves_the_database_as_it_was(tmp_path: Path, m
         monkeypatch.setattr(storage.state, "_append_all", restore_loses_a_record)
         with pytest.raises(StorageCorrupted, match="compacting 'accounts' did not reproduce its 20000 records"):
             store.compact(("accounts",))
-        assert _records(store) == records
+        assert stored_records(store) == records
         assert _leaf_pages(store, "accounts") == pages_before
     finally:
         store.close()
@@ -133,12 +129,12 @@ def test_a_state_copied_for_a_snapshot_install_holds_its_records_in_full_pages(t
     try:
         with source.read() as reader:
             copied = write_environment_in_full_pages(reader, tmp_path / "copy", map_size_bytes=map_size_bytes)
-        records = _records(source)
+        records = stored_records(source)
         assert copied == len(records)
         target = LedgerStore(tmp_path / "target", map_size_bytes=map_size_bytes, sync=False)
         target.replace_with(tmp_path / "copy")
         try:
-            assert _records(target) == records
+            assert stored_records(target) == records
             assert _leaf_pages(target, "accounts") <= _full_leaf_pages(target, "accounts")
             assert _leaf_pages(target, "accounts") < _leaf_pages(source, "accounts")
         finally:
@@ -154,7 +150,7 @@ def test_tonle_node_compact_rewrites_a_nodes_state_and_prints_the_pages(tmp_path
     assert "no node state under" in capsys.readouterr().err
 
     fragmented = _fragmented_store(node.data_dir / "state")
-    records = _records(fragmented)
+    records = stored_records(fragmented)
     fragmented.close()
     assert main(["node", "compact", "--config", str(node.config), "--database", "accounts"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -163,6 +159,6 @@ def test_tonle_node_compact_rewrites_a_nodes_state_and_prints_the_pages(tmp_path
     assert document["pages_after"] < document["pages_before"]
     reopened = open_store(node.data_dir, map_size_bytes=map_size_bytes, sync=False)
     try:
-        assert _records(reopened) == records
+        assert stored_records(reopened) == records
     finally:
         reopened.close()
