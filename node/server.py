@@ -160,6 +160,13 @@ class _Events(RaftEvents):
     def prefetch(self, batch_bytes: bytes) -> None:
         self._node.verifier.prefetch(batch_bytes)
 
+    def snapshot_written(self, seconds: float, file_bytes: int) -> None:
+        self._node.metrics.snapshot_write.observe(seconds)
+        self._node.metrics.snapshot_file_bytes.set(file_bytes)
+
+    def snapshot_installed(self, seconds: float, state_bytes: int) -> None:
+        self._node.metrics.snapshot_install.observe(seconds)
+
     def role_changed(self, old_role: str, new_role: str) -> None:
         logger.info("raft role %s -> %s", old_role, new_role, extra={"event": "role_changed"})
 

@@ -134,6 +134,13 @@ class RaftEvents:
     def before_commit(self, transaction: StateTransaction, batch: AppliedBatch) -> None:
         """Inside the apply's transaction, just before it commits (failpoints use this)."""
 
+    def snapshot_written(self, seconds: float, file_bytes: int) -> None:
+        """On the snapshot thread, once a snapshot file is in place: how long writing it took and its size."""
+
+    def snapshot_installed(self, seconds: float, state_bytes: int) -> None:
+        """After a snapshot replaced the state (from a leader, or this node's own file at start): how long the
+        install took (copy, checks, new environment, swap) and the installed state's size."""
+
     def fatal(self, message: str) -> None:
         """Called when the node must stop: it must not return control to pysyncobj's apply loop."""
         raise SystemExit(message)
@@ -715,6 +722,7 @@ class RaftNode:
         self._apply_thread.wait_until(lambda: self._store.summary().applied_index >= last_entry[1])
         path = Path(file_name)
         temporary = path.with_name(path.name + ".writing")
+        started = monotonic_time()
         with self._store.read() as transaction:
             summary = transaction.summary()
             header = SnapshotHeader(
@@ -728,6 +736,7 @@ class RaftNode:
             write_snapshot(temporary, self._store, header, as_of=transaction)
         os.replace(temporary, path)
         sync_directory(path.parent)  # the rename must survive a crash before pysyncobj drops the journal
+        self._events.snapshot_written(monotonic_time() - started, path.stat().st_size)
         logger.info("wrote snapshot at raft index %d (state applied to %d)", last_entry[1], summary.applied_index)
 
     def _deserialize(self, file_name: str):
@@ -742,9 +751,11 @@ class RaftNode:
             )
             seconds = monotonic_time() - started
         if installed:
+            state_bytes = self._store.used_bytes()
+            self._events.snapshot_installed(seconds, state_bytes)
             # The state's own applied index before (the log prefix shows pysyncobj's, which can differ).
             logger.warning("installed snapshot: state now at index %d (was at %d), %.1f MiB in %.1f s",
-                           header.applied_index, applied_before, self._store.used_bytes() / (1 << 20), seconds)
+                           header.applied_index, applied_before, state_bytes / (1 << 20), seconds)
         else:
             logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
         voters = {TCPNode(address) for address in header.voters}

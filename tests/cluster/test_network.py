@@ -319,6 +319,32 @@ def test_an_older_snapshot_is_ignored(request, tmp_path):
         assert "ignoring snapshot" in cluster.nodes[follower].log.read_text()
 
 
+def test_a_follower_behind_the_compacted_log_installs_the_leaders_snapshot_and_counts_it(request, tmp_path):
+    cluster = start_cluster(tmp_path / "network", raft=replace(local_raft, log_compaction_entries=100))
+    _remember(request, cluster)
+    with cluster:
+        status = cluster.wait_converged()
+        leader = next(name for name, node in status.items() if node["role"] == "leader")
+        follower = next(name for name in cluster.validators() if name not in (leader, "v1"))  # "v1" takes the load
+        cluster.stop([follower])
+        snapshot = cluster.nodes[leader].data_dir / "raft" / "snapshot.bin"
+        # A snapshot the leader writes after the stop covers entries the follower lacks and drops them from
+        # the leader's journal: the follower can then only catch up by installing it.
+        _submit_until_snapshot(cluster, snapshot, changed_after=snapshot.stat().st_mtime_ns if snapshot.exists() else None)
+        cluster.start([follower])
+        after = cluster.wait_converged()
+        assert {node["state_hash"] for node in after.values()} == {after[follower]["state_hash"]}
+        assert "installed snapshot" in cluster.nodes[follower].log.read_text()
+        assert _metric(cluster, follower, "tonle_snapshot_install_seconds_count") >= 1
+        assert _metric(cluster, leader, "tonle_snapshot_write_seconds_count") >= 1
+        assert _metric(cluster, leader, "tonle_snapshot_file_bytes") > 0
+        accounts = ["c1.khr@aba", "c2.khr@aba"]
+        assert balances(cluster, follower, accounts) == balances(cluster, leader, accounts)
+        # The swap left neither the replaced state nor the scratch it built the new one in.
+        assert sorted(path.name for path in cluster.nodes[follower].data_dir.iterdir()
+                      if path.name.startswith((".state", "state"))) == ["state"]
+
+
 def _submit_until_snapshot(cluster: LocalCluster, snapshot, changed_after: int | None = None) -> None:
     deadline = time.monotonic() + 120
     with cluster.client("v1") as client:

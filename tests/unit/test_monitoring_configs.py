@@ -264,7 +264,7 @@ def test_latency_histograms_use_one_millisecond_times_powers_of_two_and_say_when
         assert set(latency_buckets_seconds) <= set(finite), family.name
         if min(finite) < 0.001:
             assert "62.5 us" in family.documentation, family.name
-    assert checked == len(commit_path_histograms) + 1  # the stages and the peer round trip
+    assert checked == len(commit_path_histograms) + 3  # the stages, the peer round trip, snapshot write and install
 
 
 def test_every_proposal_failure_reason_is_exported_at_zero_before_any_failure():
