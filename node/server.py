@@ -164,7 +164,7 @@ class _Events(RaftEvents):
         self._node.metrics.snapshot_write.observe(seconds)
         self._node.metrics.snapshot_file_bytes.set(file_bytes)
 
-    def snapshot_installed(self, seconds: float, state_bytes: int) -> None:
+    def snapshot_installed(self, seconds: float) -> None:
         self._node.metrics.snapshot_install.observe(seconds)
 
     def role_changed(self, old_role: str, new_role: str) -> None:

@@ -137,9 +137,9 @@ class RaftEvents:
     def snapshot_written(self, seconds: float, file_bytes: int) -> None:
         """On the snapshot thread, once a snapshot file is in place: how long writing it took and its size."""
 
-    def snapshot_installed(self, seconds: float, state_bytes: int) -> None:
+    def snapshot_installed(self, seconds: float) -> None:
         """After a snapshot replaced the state (from a leader, or this node's own file at start): how long the
-        install took (copy, checks, new environment, swap) and the installed state's size."""
+        install took (copy, checks, new environment, swap)."""
 
     def fatal(self, message: str) -> None:
         """Called when the node must stop: it must not return control to pysyncobj's apply loop."""
@@ -751,11 +751,10 @@ class RaftNode:
             )
             seconds = monotonic_time() - started
         if installed:
-            state_bytes = self._store.used_bytes()
-            self._events.snapshot_installed(seconds, state_bytes)
+            self._events.snapshot_installed(seconds)
             # The state's own applied index before (the log prefix shows pysyncobj's, which can differ).
             logger.warning("installed snapshot: state now at index %d (was at %d), %.1f MiB in %.1f s",
-                           header.applied_index, applied_before, state_bytes / (1 << 20), seconds)
+                           header.applied_index, applied_before, self._store.used_bytes() / (1 << 20), seconds)
         else:
             logger.info("ignoring snapshot at index %d: the state is already at or past it", header.applied_index)
         voters = {TCPNode(address) for address in header.voters}
