@@ -449,6 +449,7 @@ _settings: dict[str, dict[str, _Setting]] = {
         "page_aging_interval_ms": _Setting(
             int, schema.page_aging_interval_ms_default, minimum=0, maximum=schema.page_aging_interval_ms_max
         ),
+        "read_ahead": _Setting(bool, schema.read_ahead_default),
     },
     "raft": {
         "election_timeout_min_ms": _Setting(

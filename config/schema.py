@@ -43,6 +43,7 @@ sync_default = True
 # How often a node marks its mapped state pages cold (node/page_aging.py); 0 turns it off.
 page_aging_interval_ms_default = 2000
 page_aging_interval_ms_max = 60_000
+read_ahead_default = True
 
 election_timeout_min_ms_default = 1000
 election_timeout_min_ms_min = 100
@@ -292,6 +293,7 @@ class StorageConfig:
     map_size_bytes: int
     sync: bool
     page_aging_interval_ms: int = page_aging_interval_ms_default
+    read_ahead: bool = read_ahead_default
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,7 @@ health_check_results = ("passed", "failed")
 
 # CPU is reported by the job a thread does, not per thread: the verifier pool and the snapshot writers come
 # and go, and a label per thread would grow without bound.
-thread_roles = ("event_loop", "raft", "apply", "verify", "snapshot", "receipts", "index", "other")
+thread_roles = ("event_loop", "raft", "apply", "verify", "read_ahead", "snapshot", "receipts", "index", "other")
 thread_cpu_modes = ("user", "system")
 _task_directory = Path("/proc/self/task")
 _clock_ticks_per_second = os.sysconf("SC_CLK_TCK")
@@ -219,6 +219,16 @@ class NodeMetrics:
         self.signatures_verified = Counter(
             "tonle_signatures_verified", "Ed25519 verifications performed by this node.", registry=registry
         )
+        self.accounts_read_ahead = Counter(
+            "tonle_accounts_read_ahead",
+            "Accounts named by entries on intake or in arriving batches whose pages were read ahead of the apply.",
+            registry=registry,
+        )
+        self.read_aheads_dropped = Counter(
+            "tonle_read_aheads_dropped",
+            "Read-aheads not started because the read-ahead queue was full (the apply read those pages itself).",
+            registry=registry,
+        )
 
     def _define_state(self, registry: CollectorRegistry) -> None:
         self.state_divergence = Counter(
@@ -290,6 +300,8 @@ def thread_role(name: str) -> str:
         return "raft"  # pysyncobj's tick thread: network, journal, elections, commit
     if name.startswith("verify_"):
         return "verify"
+    if name.startswith("read-ahead_"):
+        return "read_ahead"  # the accounts' pages read ahead of the apply
     if name.startswith("tonle-snapshot"):
         return "snapshot"
     if name.startswith("heads_"):
@@ -353,7 +365,7 @@ class ThreadCpuCollector(Collector):
                 fault_totals[role] += faults
         family = CounterMetricFamily(
             "tonle_thread_cpu_seconds",
-            "CPU time of this node's threads by job (event_loop, raft, apply, verify, snapshot, receipts, index, other) and mode.",
+            "CPU time of this node's threads by job (event_loop, raft, apply, verify, read_ahead, snapshot, receipts, index, other) and mode.",
             labels=["thread", "mode"],
         )
         for (role, mode), seconds in totals.items():

@@ -34,10 +34,10 @@ from node.protocol import (
 from node.verifier import SignatureVerifier
 from consensus.receipts import encode_receipt_binary
 from storage import queries, tree
-from storage.records import earliest_expiry_ms
-from storage.rules import AppliedBatch, head_window_ms, initialize
+from storage.records import earliest_expiry_ms, read_accounts_ahead
+from storage.rules import AppliedBatch, accounts_read_by, head_window_ms, initialize
 from storage.entry_hashes import EntryHashIndex
-from storage.state import StateTransaction, open_store, schema_version
+from storage.state import StateTransaction, StorageCorrupted, open_store, schema_version
 
 logger = logging.getLogger("tonle.node")
 
@@ -236,7 +236,10 @@ class LedgerNode:
             fatal=_stop_fatally,
         )
         self.verifier = SignatureVerifier(
-            threads=max(2, os.cpu_count() or 2), count_verified=self.metrics.signatures_verified.inc
+            threads=max(2, os.cpu_count() or 2),
+            count_verified=self.metrics.signatures_verified.inc,
+            read_ahead=self._read_accounts_ahead if config.storage.read_ahead else None,
+            count_dropped_read_ahead=self.metrics.read_aheads_dropped.inc,
         )
         self.proposer = Proposer(
             ProposerLimits(
@@ -337,6 +340,20 @@ class LedgerNode:
         self.entry_hashes.close()
         self.store.close()
 
+    def _read_accounts_ahead(self, bodies: list[Body]) -> None:
+        """Read-ahead thread: bring the pages of the accounts these entries name into memory, so that the
+        apply, the one thread every transfer passes through, finds them there instead of waiting for the
+        disk (a state larger than the memory the node is given; README, "Memory under a limit")."""
+        names = [name for body in bodies for name in accounts_read_by(body)]
+        if not names:
+            return
+        try:
+            with self.store.read() as transaction:
+                read_accounts_ahead(transaction, names)
+        except StorageCorrupted:
+            pass  # the apply reads the same record, checks it, and stops the node with the cause
+        self.metrics.accounts_read_ahead.inc(len(names))
+
     def _on_indexed(self, pairs: int, indexed_through: int, runs: int) -> None:
         """Indexer thread: prometheus-client metrics are thread-safe."""
         self.metrics.entry_hash_index_entries.inc(pairs)
@@ -427,6 +444,7 @@ class LedgerNode:
             candidates.append(_Candidate(position, entry, entry_key(entry, body), linked))
             bodies.append(body)
         if candidates:
+            self.verifier.read_ahead(bodies)
             started = time.perf_counter()
             futures = self.verifier.verify_many([candidate.entry for candidate in candidates])
             validity: list[bool] = []

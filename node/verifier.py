@@ -1,8 +1,9 @@
-"""Signature verification in a thread pool, done once per entry per node, ahead of the apply."""
+"""Signature verification in a thread pool, done once per entry per node, and the accounts' pages read, ahead of the apply."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +24,12 @@ pending_batches_max = 4096
 decoded_cache_entries_max = 1 << 14
 verification_chunk_entries = 64
 digest_bytes = 16
+# Read-aheads (one intake request's or one arriving batch's accounts) queued for the read-ahead thread, at
+# most. One that finds the queue full is dropped, and the apply reads those pages itself: a read-ahead only
+# moves disk waits off the apply's thread, so losing one costs time, never a result.
+read_aheads_pending_max = 64
 _missing = object()
+logger = logging.getLogger("tonle.verifier")
 
 
 def entry_digest(raw: bytes) -> bytes:
@@ -37,9 +43,20 @@ class SignatureVerifier:
     append_entries message, so by the time it commits the apply finds every signature already checked.
     """
 
-    def __init__(self, threads: int, count_verified: Callable[[int], None] = lambda count: None) -> None:
+    def __init__(
+        self,
+        threads: int,
+        count_verified: Callable[[int], None] = lambda count: None,
+        read_ahead: Callable[[list[Body]], object] | None = None,
+        count_dropped_read_ahead: Callable[[], None] = lambda: None,
+    ) -> None:
         self._count_verified = count_verified
+        self._count_dropped_read_ahead = count_dropped_read_ahead
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
+        # A thread of its own, so that a read-ahead waiting on the disk never holds up a verification.
+        self._read_ahead = read_ahead
+        self._read_ahead_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self._read_aheads_pending = 0
         self._lock = threading.Lock()
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._pending_batches: OrderedDict[bytes, Future[None]] = OrderedDict()
@@ -48,6 +65,42 @@ class SignatureVerifier:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        # Waits for a read-ahead under way: it must not be inside LMDB when the node closes the store.
+        self._read_ahead_executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def reads_ahead(self) -> bool:
+        return self._read_ahead is not None
+
+    def read_ahead(self, bodies: list[Body]) -> bool:
+        """Start reading the pages of the accounts these entries name, for the apply that will read them
+        (returns at once; False when there is no read-ahead, nothing to read, or the queue is full)."""
+        if self._read_ahead is None or not bodies:
+            return False
+        with self._lock:
+            full = self._read_aheads_pending >= read_aheads_pending_max
+            if not full:
+                self._read_aheads_pending += 1
+        if full:
+            self._count_dropped_read_ahead()
+            return False
+        try:
+            self._read_ahead_executor.submit(self._run_read_ahead, bodies)
+        except RuntimeError:  # shut down: the node is stopping
+            with self._lock:
+                self._read_aheads_pending -= 1
+            return False
+        return True
+
+    def _run_read_ahead(self, bodies: list[Body]) -> None:
+        try:
+            self._read_ahead(bodies)  # type: ignore[misc]
+        except Exception:
+            # A read-ahead's failure changes nothing (the apply reads everything itself), but it is a bug.
+            logger.exception("reading %d entries' accounts ahead failed", len(bodies))
+        finally:
+            with self._lock:
+                self._read_aheads_pending -= 1
 
     def _remember(self, digests: list[bytes]) -> None:
         with self._lock:
@@ -114,6 +167,7 @@ class SignatureVerifier:
             if raw in unverified:
                 entries.append(entry)
         self.remember_decoded(decoded)
+        self.read_ahead([body for _, body in decoded])
         if entries:
             self._verify_chunk(entries)
 

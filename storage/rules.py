@@ -216,6 +216,20 @@ def _open(
 # Batches -----------------------------------------------------------------------------------------------
 
 
+def accounts_read_by(body: Body) -> tuple[str, ...]:
+    """The accounts (names or aliases) the apply of this entry reads by the name the entry gives, for a
+    read-ahead of their pages. Transfers that resolve a pending one name theirs through it, and an issue's
+    debit is its signer's issuance account: the apply finds those itself."""
+    if isinstance(body, Transfer):
+        return () if body.flags & (_post_pending | _void_pending) else (body.debit_account, body.credit_account)
+    if isinstance(body, Issue):
+        return (body.credit_account,)
+    if isinstance(body, Redeem):
+        return (body.debit_account,)
+    return ()
+
+
+
 def apply_batch(
     transaction: StateTransaction, index: int, batch_bytes: bytes, verify: Verify, cluster_id: str, *, receipts: bool = True,
     decoded: Decoded | None = None,

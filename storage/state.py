@@ -416,6 +416,11 @@ class StateTransaction:
         self._known[(database, key)] = int.from_bytes(digest, "big")
         return payload
 
+    def contains(self, database: str, key: bytes) -> bool:
+        """Whether a record is stored under `key`, its value unchecked: a read-ahead's walk to the record's
+        pages (py-lmdb lets go of the GIL while LMDB walks, so a page fault here holds up no other thread)."""
+        return self._transaction.get(key, db=self._databases[database]) is not None
+
     def _old_hash(self, database: str, key: bytes) -> int:
         known = self._known.get((database, key))
         if known is not None:

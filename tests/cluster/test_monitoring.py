@@ -213,6 +213,9 @@ def test_every_node_applies_verifies_and_counts_the_transfers(network, traffic):
         assert grew(name, "tonle_batch_entries", "tonle_batch_entries_sum") >= driven, name
         assert grew(name, "tonle_commit_apply_seconds", "tonle_commit_apply_seconds_count") >= 1, name
         assert grew(name, "tonle_signatures_verified", "tonle_signatures_verified_total") >= transfers_per_node, name
+        # Every node read ahead the two accounts of each transfer it took in, and dropped no read-ahead.
+        assert grew(name, "tonle_accounts_read_ahead", "tonle_accounts_read_ahead_total") >= 2 * transfers_per_node, name
+        assert grew(name, "tonle_read_aheads_dropped", "tonle_read_aheads_dropped_total") == 0, name
         # Every node took requests, so every node timed the verification of an intake request.
         verification = "tonle_commit_signature_verification_seconds"
         assert grew(name, verification, verification + "_count") >= 1, name

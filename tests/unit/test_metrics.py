@@ -25,6 +25,7 @@ def test_threads_are_grouped_by_the_job_their_names_give():
     assert thread_role("tonle-apply-v1") == "apply"
     assert thread_role("Thread-1 (_autoTickThread)") == "raft"
     assert thread_role("verify_0") == "verify"
+    assert thread_role("read-ahead_0") == "read_ahead"
     assert thread_role("tonle-snapshot") == "snapshot"
     assert thread_role("heads_0") == "receipts"
     assert thread_role("entry-hash-indexer") == "index"
@@ -97,9 +98,9 @@ def test_every_job_and_mode_is_exported_from_the_start():
     metrics = NodeMetrics("v1", "validator")
     (family,) = [family for family in metrics.registry.collect() if family.name == "tonle_thread_cpu_seconds"]
     labels = {(sample.labels["thread"], sample.labels["mode"]) for sample in family.samples}
-    assert labels == {(role, mode) for role in ("event_loop", "raft", "apply", "verify", "snapshot", "receipts", "index", "other")
+    assert labels == {(role, mode) for role in ("event_loop", "raft", "apply", "verify", "read_ahead", "snapshot", "receipts", "index", "other")
                       for mode in ("user", "system")}
     assert all(sample.name == "tonle_thread_cpu_seconds_total" for sample in family.samples)
     (faults,) = [family for family in metrics.registry.collect() if family.name == "tonle_thread_major_page_faults"]
-    assert {sample.labels["thread"] for sample in faults.samples} == {"event_loop", "raft", "apply", "verify", "snapshot", "receipts", "index", "other"}
+    assert {sample.labels["thread"] for sample in faults.samples} == {"event_loop", "raft", "apply", "verify", "read_ahead", "snapshot", "receipts", "index", "other"}
     assert all(sample.name == "tonle_thread_major_page_faults_total" for sample in faults.samples)
