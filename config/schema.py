@@ -43,6 +43,7 @@ sync_default = True
 # How often a node marks its mapped state pages cold (node/page_aging.py); 0 turns it off.
 page_aging_interval_ms_default = 2000
 page_aging_interval_ms_max = 60_000
+# Whether a node reads the accounts entries name into memory ahead of the apply (node/verifier.py).
 read_ahead_default = True
 
 election_timeout_min_ms_default = 1000
