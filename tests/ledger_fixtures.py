@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from nacl.signing import SigningKey
@@ -20,6 +21,14 @@ def stored_records(store: LedgerStore) -> list[tuple[str, bytes, bytes]]:
     """Every record of every database of `store`, sealed bytes as stored, each database in key order."""
     with store.environment.begin() as transaction:
         return [(name, key, stored) for name, handle in store.databases.items() for key, stored in transaction.cursor(handle)]
+
+
+def put_random_accounts(store: LedgerStore, count: int) -> None:
+    """`count` records of 100 random bytes under keys account-000000..., in one write transaction: a state
+    whose account pages a test can drop from memory or age (not account records the apply could read)."""
+    with store.write() as transaction:
+        for number in range(count):
+            transaction.put("accounts", b"account-%06d" % number, os.urandom(100))
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from node.cluster import LocalCluster
 from node.page_aging import PageAger, PageAgingUnavailable, age_pages, mappings_of
 from node.server import LedgerNode
 from storage.state import LedgerStore
+from tests.ledger_fixtures import put_random_accounts
 from tests.waiting import wait_until
 
 map_size_bytes = 64 << 20
@@ -39,9 +39,7 @@ def _referenced_kib(path: Path) -> int:
 @pytest.fixture
 def store(tmp_path: Path):
     store = LedgerStore(tmp_path / "state", map_size_bytes=map_size_bytes, sync=False)
-    with store.write() as transaction:
-        for number in range(20_000):
-            transaction.put("accounts", b"account-%06d" % number, os.urandom(100))
+    put_random_accounts(store, 20_000)
     yield store
     store.close()
 

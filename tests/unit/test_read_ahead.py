@@ -20,7 +20,7 @@ from node.verifier import SignatureVerifier
 from storage.records import read_accounts_ahead
 from storage.rules import accounts_read_by
 from storage.state import LedgerStore
-from tests.ledger_fixtures import Ledger, batch, make_network, tid
+from tests.ledger_fixtures import Ledger, batch, make_network, put_random_accounts, tid
 from tests.waiting import wait_until
 
 deadline_seconds = 20.0
@@ -52,9 +52,7 @@ def test_reading_ahead_resolves_aliases_and_finds_only_accounts_that_exist(tmp_p
 def _store_of_accounts(path: Path, count: int) -> None:
     store = LedgerStore(path, map_size_bytes=map_size_bytes, sync=True)
     try:
-        with store.write() as transaction:
-            for number in range(count):
-                transaction.put("accounts", b"account-%06d" % number, os.urandom(100))
+        put_random_accounts(store, count)
     finally:
         store.close()
 
