@@ -450,6 +450,7 @@ _settings: dict[str, dict[str, _Setting]] = {
             int, schema.page_aging_interval_ms_default, minimum=0, maximum=schema.page_aging_interval_ms_max
         ),
         "read_ahead": _Setting(bool, schema.read_ahead_default),
+        "drop_dead_copies": _Setting(bool, schema.drop_dead_copies_default),
     },
     "raft": {
         "election_timeout_min_ms": _Setting(

@@ -434,6 +434,7 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         threads_before = bench._thread_cpu_seconds(cluster)
         faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
         thread_faults_before = bench.thread_major_faults(cluster)
+        dropped_before = _dead_pages_dropped(cluster)
         disk_before = disk_writes(device) if device is not None else None
         address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
@@ -453,6 +454,8 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
             thread: round((count - thread_faults_before.get(thread, 0.0)) / max(1, peak.acknowledged), 3)
             for thread, count in sorted(thread_faults_after.items())
         }
+        # The copies each commit freed and the nodes dropped from memory (node/page_aging.py, DeadCopyDropper).
+        document["dead_pages_dropped_per_transfer"] = round((_dead_pages_dropped(cluster) - dropped_before) / max(1, peak.acknowledged), 2)
         if device is not None:
             # Every write the disk completed while the network ran, whoever asked: a bench machine runs nothing else.
             requests, written = (after - before for after, before in zip(disk_writes(device), disk_before, strict=True))
@@ -507,6 +510,10 @@ def _out_of_memory_kills(document: dict[str, Any], side: str) -> int:
     return sum(sum(measurement["node_out_of_memory_kills"].values()) for measurement in _measurements(document, side))
 
 
+def _dead_pages_dropped(cluster: LocalCluster) -> float:
+    return bench._summed_counter(cluster, "tonle_state_dead_pages_dropped", ()).get((), 0.0)
+
+
 def render_scale(document: dict[str, Any]) -> str:
     rows = [("", "small", "large")]
     small, large = document["small"], document["large"]
@@ -537,6 +544,8 @@ def render_scale(document: dict[str, Any]) -> str:
         rows.append(("random 4 KiB writes/s the disk takes", *(f"{side['disk_page_writes_per_second']:,}" for side in (small, large))))
         rows.append(("  ÷ writes per transfer: disk ceiling", *(f"{side['disk_ceiling_transfers_per_second']:,}/s" for side in (small, large))))
         rows.append(("  committed / disk ceiling", *(f"{side['transfers_per_second'] / side['disk_ceiling_transfers_per_second']:.0%}" for side in (small, large))))
+    if all("dead_pages_dropped_per_transfer" in side for side in (small, large)):
+        rows.append(("dead page copies dropped per transfer", *(f"{side['dead_pages_dropped_per_transfer']:.1f}" for side in (small, large))))
     rows.append(("entry-hash index behind, at the end", *(f"{side['entry_hash_index_lag_entries']:,} Raft entries" for side in (small, large))))
     rows.append(("disk reads per transfer (all nodes)", *(f"{side['disk_reads_per_transfer']:.2f}" for side in (small, large))))
     by_thread_reads = [side.get("disk_reads_per_transfer_by_thread", {}) for side in (small, large)]

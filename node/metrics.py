@@ -231,6 +231,11 @@ class NodeMetrics:
         )
 
     def _define_state(self, registry: CollectorRegistry) -> None:
+        self.dead_pages_dropped = Counter(
+            "tonle_state_dead_pages_dropped",
+            "State pages an apply commit freed (the copies LMDB's copy-on-write left) that the node then dropped from memory.",
+            registry=registry,
+        )
         self.state_divergence = Counter(
             "tonle_state_divergence",
             "Checkpoints from the leader whose state hash differed from this node's at the same index.",

@@ -1,5 +1,6 @@
-"""Marks the pages a node has mapped from its LMDB state cold at an interval, so that reclaim under a memory
-limit takes the pages nobody touched since (the copies LMDB's copy-on-write left behind) before the live ones.
+"""Keeps the dead copies LMDB's copy-on-write leaves out of a node's memory: drops the pages each apply commit
+freed (DeadCopyDropper), and marks every mapped state page cold at an interval (PageAger), so that reclaim under
+a memory limit takes the pages nobody touched since before the live ones.
 
 Why. Every commit writes each page it changes to another place in the file; the copy it replaces was just
 read, so to the kernel it looks as recently used as the live pages, and a node under a memory cgroup kept
@@ -15,12 +16,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
 import threading
 from pathlib import Path
+from typing import Callable
+
+from storage.free_pages import FreePagesUnreadable, freed_by_newest_commit
+from storage.state import LedgerStore
 
 logger = logging.getLogger("tonle.page_aging")
 
 madvise_cold = 20  # MADV_COLD, <linux/mman.h>
+madvise_dont_need = 4  # MADV_DONTNEED: on a shared file mapping it only unmaps; the page cache keeps the data
 _maps_path = Path("/proc/self/maps")
 
 
@@ -39,16 +46,108 @@ def _madvise() -> ctypes._CFuncPtr:
     return function
 
 
-def mappings_of(path: Path, maps_text: str) -> list[tuple[int, int]]:
-    """(start, end) addresses of every mapping of the file `path` in a /proc/PID/maps text."""
+def _file_mappings(path: Path, maps_text: str) -> list[tuple[int, int, int]]:
+    """(start, end, file offset) of every mapping of the file `path` in a /proc/PID/maps text."""
     target = str(path.resolve())
     found = []
     for line in maps_text.splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5] == target:
             start, _, end = fields[0].partition("-")
-            found.append((int(start, 16), int(end, 16)))
+            found.append((int(start, 16), int(end, 16), int(fields[2], 16)))
     return found
+
+
+def mappings_of(path: Path, maps_text: str) -> list[tuple[int, int]]:
+    """(start, end) addresses of every mapping of the file `path` in a /proc/PID/maps text."""
+    return [(start, end) for start, end, _offset in _file_mappings(path, maps_text)]
+
+
+def whole_mapping_of(path: Path, maps_text: str) -> tuple[int, int] | None:
+    """(start, end) of the one mapping of `path` from its first byte (how LMDB maps its data file), or None
+    when there is not exactly one."""
+    found = _file_mappings(path, maps_text)
+    if len(found) != 1 or found[0][2] != 0:
+        return None
+    return found[0][0], found[0][1]
+
+
+def page_runs(pages: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first page, page count) of each run of consecutive page numbers, in page order."""
+    runs: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
+
+
+class DeadCopyDropper:
+    """Drops from memory the pages the newest commit of a store freed: unmapped from this process (LMDB's
+    mapping is read-only and shared, so that loses nothing) and then dropped from the page cache, which
+    drops only clean pages no process maps. Those copies are dead: LMDB writes the live pages elsewhere and
+    no write transaction reuses a freed page before the one after next (no reader of an older state
+    may still read it before then, and a reader that does reads it back from disk).
+
+    Call drop_newest from the store's writer, just after a commit, while holding what keeps the store's
+    environment from being replaced (the apply lock): the mapping it unmaps from must be the environment's.
+    The dead copies of a commit by another writer in between are dropped by the next call or left to the
+    page aging; either way nothing is lost, only a page-cache hit."""
+
+    def __init__(self, store: LedgerStore, madvise: Callable[[int, int, int], int] | None = None,
+                 maps: Callable[[], str] = _maps_path.read_text) -> None:
+        self._store = store
+        self._madvise = madvise if madvise is not None else _madvise()
+        self._maps = maps
+        self._environment = None
+        self._descriptor = -1
+        self._page_bytes = 0
+        self._mapping: tuple[int, int] | None = None
+        self._newest_transaction_id = -1
+        self.pages_dropped = 0
+
+    def close(self) -> None:
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+            self._descriptor = -1
+
+    def _follow_environment(self) -> None:
+        """Open the data file of the store's environment, and find its mapping, when the environment is new
+        (first call, or a snapshot install put another in place)."""
+        environment = self._store.environment
+        if environment is self._environment:
+            return
+        self.close()
+        path = self._store.path / "data.mdb"
+        self._descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._page_bytes = environment.stat()["psize"]
+        self._mapping = whole_mapping_of(path, self._maps())
+        if self._mapping is None:
+            raise FreePagesUnreadable(f"{path} is not mapped once from its start in this process")
+        self._environment = environment
+        self._newest_transaction_id = -1
+
+    def drop_newest(self) -> int:
+        """Drop the pages the newest commit freed, once; returns how many."""
+        self._follow_environment()
+        freed = freed_by_newest_commit(self._descriptor, self._page_bytes)
+        if freed.transaction_id == self._newest_transaction_id:
+            return 0
+        self._newest_transaction_id = freed.transaction_id
+        start, end = self._mapping
+        runs = page_runs(freed.pages)
+        # Never advise outside the data file's mapping: MADV_DONTNEED on other memory would discard it.
+        if runs and start + (runs[-1][0] + runs[-1][1]) * self._page_bytes > end:
+            raise FreePagesUnreadable(f"freed pages up to {runs[-1][0] + runs[-1][1] - 1} lie outside the mapping")
+        for first, count in runs:
+            offset, length = first * self._page_bytes, count * self._page_bytes
+            if self._madvise(start + offset, length, madvise_dont_need) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"madvise(MADV_DONTNEED) on the state's mapping: {errno.errorcode.get(code, code)}")
+            os.posix_fadvise(self._descriptor, offset, length, os.POSIX_FADV_DONTNEED)
+        self.pages_dropped += len(freed.pages)
+        return len(freed.pages)
 
 
 def age_pages(path: Path, madvise=None) -> int:

@@ -21,7 +21,7 @@ from node.failpoints import enabled_failpoints
 from node.heads import HeadSignatures
 from node.indexer import EntryHashIndexer
 from node.metrics import NodeMetrics
-from node.page_aging import PageAger
+from node.page_aging import DeadCopyDropper, PageAger, PageAgingUnavailable
 from node.protocol import (
     ERROR_BUSY,
     ERROR_NO_LEADER,
@@ -37,6 +37,7 @@ from storage import queries, tree
 from storage.records import earliest_expiry_ms, read_accounts_ahead
 from storage.rules import AppliedBatch, accounts_read_by, head_window_ms, initialize
 from storage.entry_hashes import EntryHashIndex
+from storage.free_pages import FreePagesUnreadable
 from storage.state import StateTransaction, StorageCorrupted, open_store, schema_version
 
 logger = logging.getLogger("tonle.node")
@@ -148,6 +149,9 @@ class _Events(RaftEvents):
 
     def before_apply(self, batch_bytes: bytes) -> None:
         self._node.verifier.wait_for_batch(batch_bytes)
+
+    def after_commit(self) -> None:
+        self._node.drop_dead_copies()
 
     def before_commit(self, transaction: StateTransaction, batch: AppliedBatch) -> None:
         if batch.head is not None:
@@ -267,6 +271,12 @@ class LedgerNode:
         self._leaves_without_head = False
         self.heads = HeadSignatures(self)
         self.page_ager: PageAger | None = None
+        self.dead_copies: DeadCopyDropper | None = None
+        if config.storage.drop_dead_copies:
+            try:
+                self.dead_copies = DeadCopyDropper(self.store)
+            except PageAgingUnavailable as error:
+                logger.warning("the state's dead page copies stay in memory: %s", error)
 
     # Start-up -------------------------------------------------------------------------------------------
 
@@ -335,10 +345,26 @@ class LedgerNode:
         self.heads.close()
         if self.page_ager is not None:
             self.page_ager.close()
+        if self.dead_copies is not None:
+            self.dead_copies.close()
         self.verifier.close()
         self.indexer.close()
         self.entry_hashes.close()
         self.store.close()
+
+    def drop_dead_copies(self) -> None:
+        """Apply thread, just after a commit: drop the pages it freed from memory (node/page_aging.py)."""
+        if self.dead_copies is None:
+            return
+        try:
+            dropped = self.dead_copies.drop_newest()
+        except (FreePagesUnreadable, OSError) as error:
+            # Only memory efficiency is lost: the node goes on, its dead copies left to the page aging.
+            logger.warning("stopped dropping the state's dead page copies: %s", error)
+            self.dead_copies.close()
+            self.dead_copies = None
+            return
+        self.metrics.dead_pages_dropped.inc(dropped)
 
     def _read_accounts_ahead(self, bodies: list[Body]) -> None:
         """Read-ahead thread: bring the pages of the accounts these entries name into memory, so that the

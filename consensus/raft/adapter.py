@@ -134,6 +134,10 @@ class RaftEvents:
     def before_commit(self, transaction: StateTransaction, batch: AppliedBatch) -> None:
         """Inside the apply's transaction, just before it commits (failpoints use this)."""
 
+    def after_commit(self) -> None:
+        """Just after an apply transaction committed, still holding the apply lock: no snapshot install can
+        put another environment in the state's place until it returns, and no other apply can commit."""
+
     def snapshot_written(self, seconds: float, file_bytes: int) -> None:
         """On the snapshot thread, once a snapshot file is in place: how long writing it took and its size."""
 
@@ -693,18 +697,21 @@ class RaftNode:
                     self._events.before_apply(command[1:])
             started = monotonic_time()
             batches: list[AppliedBatch] = []
-            with self._apply_lock, self._store.write() as transaction:
-                for index, command in group:
-                    if command[:1] != command_type_regular:
-                        apply_no_op(transaction, index)
-                        continue
-                    applied = apply_batch(
-                        transaction, index, command[1:], self._verify, self._genesis.cluster_id, decoded=self._decoded
-                    )
-                    if applied is not None:
-                        self._events.before_commit(transaction, applied)
-                        batches.append(applied)
-            self._events.applied(batches, monotonic_time() - started)
+            with self._apply_lock:
+                with self._store.write() as transaction:
+                    for index, command in group:
+                        if command[:1] != command_type_regular:
+                            apply_no_op(transaction, index)
+                            continue
+                        applied = apply_batch(
+                            transaction, index, command[1:], self._verify, self._genesis.cluster_id, decoded=self._decoded
+                        )
+                        if applied is not None:
+                            self._events.before_commit(transaction, applied)
+                            batches.append(applied)
+                committed = monotonic_time()
+                self._events.after_commit()
+            self._events.applied(batches, committed - started)
         except BaseException as error:  # noqa: BLE001 - any failure here must stop the node, not wedge it
             hint = full_disk_hint(self._store.path, error)
             logger.critical("apply of index %d failed; stopping: %r%s", index, error, hint, exc_info=True)

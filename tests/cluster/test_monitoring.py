@@ -216,6 +216,8 @@ def test_every_node_applies_verifies_and_counts_the_transfers(network, traffic):
         # Every node read ahead the two accounts of each transfer it took in, and dropped no read-ahead.
         assert grew(name, "tonle_accounts_read_ahead", "tonle_accounts_read_ahead_total") >= 2 * transfers_per_node, name
         assert grew(name, "tonle_read_aheads_dropped", "tonle_read_aheads_dropped_total") == 0, name
+        # Every node's apply commits freed the pages they replaced, and the node dropped them from memory.
+        assert grew(name, "tonle_state_dead_pages_dropped", "tonle_state_dead_pages_dropped_total") >= 1, name
         # Every node took requests, so every node timed the verification of an intake request.
         verification = "tonle_commit_signature_verification_seconds"
         assert grew(name, verification, verification + "_count") >= 1, name

@@ -43,3 +43,11 @@ def test_the_report_shows_each_networks_account_database_at_the_start_and_end_of
     rows = [line for line in render_scale(document).splitlines() if line.startswith("account database")]
     assert len(rows) == 1
     assert rows[0].split()[-8:] == ["1", "/", "2", "MiB", "102", "/", "110", "MiB"]
+
+
+def test_the_report_shows_the_dead_page_copies_each_network_dropped_per_transfer() -> None:
+    small, large = _side(10_000, 1 << 20, 1 << 20), _side(1_000_000, 102 << 20, 102 << 20)
+    small["dead_pages_dropped_per_transfer"], large["dead_pages_dropped_per_transfer"] = 0.61, 7.04
+    document = {"small": small, "large": large, "throughput_ratio_large_to_small": 0.8}
+    rows = [line for line in render_scale(document).splitlines() if line.startswith("dead page copies")]
+    assert len(rows) == 1 and rows[0].split()[-2:] == ["0.6", "7.0"]
