@@ -358,7 +358,7 @@ class LedgerNode:
             return
         try:
             dropped = self.dead_copies.drop_newest()
-        except (FreePagesUnreadable, OSError) as error:
+        except (FreePagesUnreadable, PageAgingUnavailable, OSError) as error:
             # Only memory efficiency is lost: the node goes on, its dead copies left to the page aging.
             logger.warning("stopped dropping the state's dead page copies: %s", error)
             self.dead_copies.close()

@@ -17,7 +17,7 @@ import pytest
 from config import schema
 from config.loader import load_node_config
 from node.cluster import LocalCluster
-from node.page_aging import DeadCopyDropper, madvise_dont_need, page_runs, whole_mapping_of
+from node.page_aging import DeadCopyDropper, PageAgingUnavailable, ProcessPageOut, page_runs, whole_mapping_of
 from node.server import LedgerNode
 from storage.free_pages import FreePagesUnreadable, freed_by_newest_commit, freed_pages_per_commit_max
 from storage.state import LedgerStore
@@ -25,6 +25,7 @@ from tests.ledger_fixtures import put_random_accounts
 
 map_size_bytes = 64 << 20
 accounts = 20_000
+madvise_dont_need = 4  # MADV_DONTNEED: unmaps a shared file mapping's pages, the page cache keeps them
 
 
 def _page_bytes(environment: lmdb.Environment) -> int:
@@ -243,9 +244,36 @@ def _file_system_of(path: Path) -> str:
     return kind
 
 
+class _Recorded:
+    """Stands for ProcessPageOut where a test only looks at the ranges a dropper would page out."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+
+    def __call__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges.extend(ranges)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_kernel_that_cannot_page_out_on_request_is_reported_as_unavailable(monkeypatch) -> None:
+    page_out = ProcessPageOut()
+    try:
+        def refused(*_arguments):
+            ctypes.set_errno(38)  # ENOSYS: a kernel before process_madvise
+            return -1
+
+        monkeypatch.setattr(page_out, "_syscall", refused)
+        with pytest.raises(PageAgingUnavailable, match="Linux 5.10"):
+            page_out([(0x10000000, 4096)])
+    finally:
+        page_out.close()
+
+
 def test_the_dropper_never_advises_memory_outside_the_data_files_mapping(tmp_path: Path) -> None:
     store = LedgerStore(tmp_path / "state", map_size_bytes=map_size_bytes, sync=False)
-    advised = []
+    page_out = _Recorded()
     try:
         put_random_accounts(store, accounts)
         with store.write() as transaction:
@@ -253,10 +281,19 @@ def test_the_dropper_never_advises_memory_outside_the_data_files_mapping(tmp_pat
                 transaction.put("accounts", b"account-%06d" % number, b"after")
         # A mapping that ends after the first four pages: most freed pages lie beyond it, so none is advised.
         maps = f"10000000-{0x10000000 + 4 * 4096:x} r--s 00000000 fd:01 1 {(store.path / 'data.mdb').resolve()}\n"
-        dropper = DeadCopyDropper(store, madvise=lambda *arguments: advised.append(arguments) or 0, maps=lambda: maps)
+        dropper = DeadCopyDropper(store, page_out=page_out, maps=lambda: maps)
         with pytest.raises(FreePagesUnreadable, match="outside the mapping"):
             dropper.drop_newest()
-        assert advised == []
+        assert page_out.ranges == []
+        dropper.close()
+        # Inside the mapping, every freed page is advised, in runs of consecutive pages.
+        start = 0x10000000
+        maps = f"{start:x}-{start + (64 << 20):x} r--s 00000000 fd:01 1 {(store.path / 'data.mdb').resolve()}\n"
+        dropper = DeadCopyDropper(store, page_out=page_out, maps=lambda: maps)
+        dropped = dropper.drop_newest()
+        assert dropped > accounts // 50 // 2
+        assert sum(length for _address, length in page_out.ranges) == dropped * 4096
+        assert all(start + 2 * 4096 <= address and address + length <= start + (64 << 20) for address, length in page_out.ranges)
         dropper.close()
     finally:
         store.close()
