@@ -222,7 +222,9 @@ def test_the_dropper_takes_a_commits_dead_copies_out_of_memory_and_every_record_
         assert dropper.pages_dropped >= len(freed.pages)
         if _resident(start, page_bytes, freed.pages) and _file_system_of(tmp_path) == "tmpfs":
             pytest.skip("this file system keeps file pages in memory whatever the advice (tmpfs)")
-        assert _resident(start, page_bytes, freed.pages) == 0
+        # MADV_PAGEOUT is best effort: a page it finds busy (under writeback, locked, in a large folio) stays,
+        # 0-6 of these 409 in repeated runs here, 3.5 % on the scale network.
+        assert _resident(start, page_bytes, freed.pages) <= len(freed.pages) // 20
         live = set(range(2, freed.pages_in_file)) - set(freed.pages)
         assert _resident(start, page_bytes, live) >= len(live) // 2  # the live pages stayed
         with store.read() as transaction:
