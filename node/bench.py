@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.entries import Transfer, decode_entry, sign_entry, signature_is_valid
 from node import bench_raft
-from node.cli_support import positive
+from node.cli_support import non_negative, positive
 from node.client import AsyncClient, ClientError, new_transfer_id
 from config.schema import log_compaction_entries_default
 from node.cluster import LocalCluster, local_raft
@@ -506,6 +506,9 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
                             "one holding --accounts accounts and as many transfers per account, each measured twice (small, large, large, small); --duration is per measurement")
     bench.add_argument("--scale-accounts", type=positive, default=1_000_000)
     bench.add_argument("--scale-transfers", type=positive, default=10_000_000)
+    bench.add_argument("--settle-seconds", type=non_negative, default=30,
+                       help="with --scale: seconds of load before each measurement, not counted, so the nodes' page "
+                            "cache holds what the load reads rather than what the warm-up read (0: none)")
     bench.add_argument("--node-memory-limit-bytes", type=positive,
                        help="with --scale: run every node in a memory cgroup with this limit (heap and page cache, "
                             "as systemd's MemoryMax=); needs root and a memory controller")
@@ -521,7 +524,8 @@ def _command_scale(arguments: argparse.Namespace, seed: int) -> int:
         document = run_scale(
             directory, small_accounts=arguments.accounts, small_transfers=arguments.accounts * per_account,
             large_accounts=arguments.scale_accounts, large_transfers=arguments.scale_transfers,
-            seconds=arguments.duration, seed=seed, memory_limit_bytes=arguments.node_memory_limit_bytes,
+            seconds=arguments.duration, seed=seed, settle_seconds=arguments.settle_seconds,
+            memory_limit_bytes=arguments.node_memory_limit_bytes,
         )
     print(render_scale(document), file=sys.stderr if arguments.output == "json" else sys.stdout)
     if arguments.output == "json":

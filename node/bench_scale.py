@@ -369,9 +369,10 @@ def disk_writes(device: str) -> tuple[int, int]:
 
 
 def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, seed: int, warm: bool = True,
-            memory_limit_bytes: int | None = None) -> dict[str, Any]:
-    """Start a prepared network, load it closed-loop for `seconds`; what it committed and what its nodes hold.
-    With `memory_limit_bytes`, every node runs in its own memory cgroup with that limit."""
+            settle_seconds: float = 0.0, memory_limit_bytes: int | None = None) -> dict[str, Any]:
+    """Start a prepared network, load it closed-loop for `settle_seconds` (not counted), then for `seconds`;
+    what it committed and what its nodes hold. With `memory_limit_bytes`, every node runs in its own memory
+    cgroup with that limit."""
     document: dict[str, Any] = dict(prepare(directory, accounts=accounts, transfers=transfers))
     cluster = LocalCluster.load(directory)
     # Every run adds its transfers to the kept state: report what this run starts from, not what was built.
@@ -396,7 +397,8 @@ def measure(directory: Path, *, accounts: int, transfers: int, seconds: float, s
         if device is not None:
             print(f"measuring random page writes on {device}, the nodes' disk", file=sys.stderr)
             document["disk_page_writes_per_second"] = round(random_page_writes_per_second(first, len(cluster.validators())))
-        _measure_started(cluster, document, accounts=accounts, seconds=seconds, seed=seed, device=device, cgroups=cgroups)
+        _measure_started(cluster, document, accounts=accounts, seconds=seconds, settle_seconds=settle_seconds, seed=seed,
+                         device=device, cgroups=cgroups)
         # Accounts whose records grew in a full page split it: how much the run loosened what compaction packed.
         document["account_database_bytes_at_end"] = _account_database_bytes(first)
     finally:
@@ -418,8 +420,8 @@ def _warm(data_dir: Path, cgroup: MemoryCgroup | None) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, accounts: int, seconds: float, seed: int,
-                     device: str | None, cgroups: dict[str, MemoryCgroup]) -> None:
+def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, accounts: int, seconds: float, settle_seconds: float,
+                     seed: int, device: str | None, cgroups: dict[str, MemoryCgroup]) -> None:
     cluster.start(memory_cgroups=cgroups or None)
     try:
         leader = cluster.wait_for_leader(timeout_seconds=start_seconds_max)
@@ -427,16 +429,25 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         institutions = tuple(record["id"] for record in cluster.description["institutions"] if record["id"] != cluster.central_bank())
         generator = random.Random(seed)
         names = [account_name(generator.randrange(accounts), institutions) for _ in range(200_000)]
-        workload = bench.Workload(cluster, int(seconds * 6000) + 10_000, seed, accounts={"KHR": names})
+        workload = bench.Workload(cluster, int((settle_seconds + seconds) * 6000) + 10_000, seed, accounts={"KHR": names})
         leader = cluster.wait_for_leader()
         pids = {name: node.pid for name, node in cluster.nodes.items() if node.pid}
+        address = cluster.nodes[leader].client_address
+        if settle_seconds > 0:
+            # A node that has been running holds what the load reads, not what a warm-up read: the page cache
+            # settles under load (first reads of pages the warm-up did not keep, page aging), and is then measured.
+            faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
+            settling = asyncio.run(bench.closed_loop([address], workload, settle_seconds, bench.request_entries, bench.requests_in_flight, "settling"))
+            faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
+            document["settling"] = {"seconds": settle_seconds, "transfers_per_second": round(settling.per_second, 1),
+                                    "disk_reads_per_transfer": round(faults / max(1, settling.acknowledged), 3), "failed": settling.failed}
+            address = cluster.nodes[cluster.wait_for_leader()].client_address
         cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
         threads_before = bench._thread_cpu_seconds(cluster)
         faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
         thread_faults_before = bench.thread_major_faults(cluster)
         dropped_before = _dead_pages_dropped(cluster)
         disk_before = disk_writes(device) if device is not None else None
-        address = cluster.nodes[leader].client_address
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
         cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
         threads_after = bench._thread_cpu_seconds(cluster)
@@ -474,17 +485,21 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
 
 
 def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, large_accounts: int, large_transfers: int,
-              seconds: float, seed: int, memory_limit_bytes: int | None = None) -> dict[str, Any]:
+              seconds: float, seed: int, settle_seconds: float = 0.0, memory_limit_bytes: int | None = None) -> dict[str, Any]:
     """Both networks are built first (`prepare`), then measured small, large, large, small. Measured once each
     in a fixed order, whatever drifts over the run (the first network's writes still being flushed, caches
     turned over) would count against the network measured second, always the large one; in this order it
     weighs on both alike. The ratio is of their totals."""
     prepare(directory / "small", accounts=small_accounts, transfers=small_transfers)
     prepare(directory / "large", accounts=large_accounts, transfers=large_transfers)
-    small = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed, memory_limit_bytes=memory_limit_bytes)
-    large = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed, memory_limit_bytes=memory_limit_bytes)
-    large_again = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed + 1, memory_limit_bytes=memory_limit_bytes)
-    small_again = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed + 1, memory_limit_bytes=memory_limit_bytes)
+    small = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed,
+                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
+    large = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed,
+                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
+    large_again = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed + 1,
+                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
+    small_again = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed + 1,
+                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
     small_total = small["transfers_per_second"] + small_again["transfers_per_second"]
     large_total = large["transfers_per_second"] + large_again["transfers_per_second"]
     return {
@@ -495,6 +510,7 @@ def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, lar
         "order": ["small", "large", "large_again", "small_again"],
         "throughput_ratio_large_to_small": round(large_total / max(1.0, small_total), 3),
         "node_memory_limit_bytes": memory_limit_bytes,
+        "settle_seconds": settle_seconds,
     }
 
 
@@ -525,6 +541,10 @@ def render_scale(document: dict[str, Any]) -> str:
         rows.append(("account database, start / end of the run",
                      *(f"{side['account_database_bytes_at_start'] / 2**20:,.0f} / {side['account_database_bytes_at_end'] / 2**20:,.0f} MiB"
                        for side in (small, large))))
+    if all("settling" in side for side in (small, large)):
+        rows.append(("load before measuring, not counted", *(f"{side['settling']['seconds']:,.0f} s" for side in (small, large))))
+        rows.append(("  committed transfers/s in it", *(f"{side['settling']['transfers_per_second']:,.0f}" for side in (small, large))))
+        rows.append(("  disk reads per transfer in it", *(f"{side['settling']['disk_reads_per_transfer']:.2f}" for side in (small, large))))
     rows.append(("committed transfers/s", f"{small['transfers_per_second']:,.0f}", f"{large['transfers_per_second']:,.0f}"))
     if "small_again" in document:
         # The second measurement of each (order: small, large, large, small); the rows below are of the first.

@@ -51,3 +51,21 @@ def test_the_report_shows_the_dead_page_copies_each_network_dropped_per_transfer
     document = {"small": small, "large": large, "throughput_ratio_large_to_small": 0.8}
     rows = [line for line in render_scale(document).splitlines() if line.startswith("dead page copies")]
     assert len(rows) == 1 and rows[0].split()[-2:] == ["0.6", "7.0"]
+
+
+def test_the_report_shows_the_uncounted_load_each_network_settled_under_and_its_disk_reads() -> None:
+    small, large = _side(10_000, 1 << 20, 1 << 20), _side(1_000_000, 102 << 20, 102 << 20)
+    small["settling"] = {"seconds": 30, "transfers_per_second": 2100.0, "disk_reads_per_transfer": 0.0, "failed": {}}
+    large["settling"] = {"seconds": 30, "transfers_per_second": 1500.0, "disk_reads_per_transfer": 1.234, "failed": {}}
+    document = {"small": small, "large": large, "throughput_ratio_large_to_small": 0.8}
+    lines = render_scale(document).splitlines()
+    at = next(number for number, line in enumerate(lines) if line.startswith("load before measuring"))
+    assert lines[at].split()[-4:] == ["30", "s", "30", "s"]
+    assert lines[at + 1].split()[-2:] == ["2,100", "1,500"]
+    assert lines[at + 2].split()[-2:] == ["0.00", "1.23"]
+    assert lines[at + 3].startswith("committed transfers/s")
+
+
+def test_the_report_has_no_settling_rows_for_a_run_measured_without_one() -> None:
+    document = {"small": _side(10_000, 1 << 20, 1 << 20), "large": _side(1_000_000, 1 << 20, 1 << 20), "throughput_ratio_large_to_small": 0.8}
+    assert not any(line.startswith("load before measuring") for line in render_scale(document).splitlines())
