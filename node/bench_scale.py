@@ -445,16 +445,16 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         if settle_seconds > 0:
             # A node that has been running holds what the load reads, not what a warm-up read: the page cache
             # settles under load (first reads of pages the warm-up did not keep, page aging), and is then measured.
-            faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
+            faults_before = _major_faults(pids)
             settling = asyncio.run(bench.closed_loop([address], workload, settle_seconds, bench.request_entries, bench.requests_in_flight, "settling"))
-            faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
+            faults = _major_faults(pids) - faults_before
             document["settling"] = {"seconds": settle_seconds, "transfers_acknowledged": settling.acknowledged,
                                     "transfers_per_second": round(settling.per_second, 1),
                                     "disk_reads_per_transfer": round(faults / max(1, settling.acknowledged), 3), "failed": settling.failed}
             address = cluster.nodes[cluster.wait_for_leader()].client_address
         cpu_before = {name: bench._cpu_seconds(pid) for name, pid in pids.items()}
         threads_before = bench._thread_cpu_seconds(cluster)
-        faults_before = {name: bench.major_faults(pid) for name, pid in pids.items()}
+        faults_before = _major_faults(pids)
         thread_faults_before = bench.thread_major_faults(cluster)
         dropped_before = _dead_pages_dropped(cluster)
         disk_before = disk_writes(device) if device is not None else None
@@ -468,7 +468,7 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         document["node_cpu_microseconds_per_transfer"] = round(cpu_used / max(1, peak.acknowledged) * 1e6, 1)
         # Where the CPU went, so the large network's extra CPU per transfer can be traced to a thread.
         document["cpu_microseconds_per_transfer_by_thread"] = bench._per_transfer_by_thread(threads_before, threads_after, peak.acknowledged)
-        faults = sum(bench.major_faults(pid) - faults_before[name] for name, pid in pids.items())
+        faults = _major_faults(pids) - faults_before
         document["disk_reads_per_transfer"] = round(faults / max(1, peak.acknowledged), 3)
         # Which job waited for those pages: the apply (accounts), the indexer (its runs' merges), the tick thread...
         thread_faults_after = bench.thread_major_faults(cluster)
@@ -495,6 +495,11 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         cluster.kill()
 
 
+def _major_faults(pids: dict[str, int]) -> int:
+    """Pages the nodes have waited for the disk to read, all together."""
+    return sum(bench.major_faults(pid) for pid in pids.values())
+
+
 def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, large_accounts: int, large_transfers: int,
               seconds: float, seed: int, settle_seconds: float = 0.0, memory_limit_bytes: int | None = None) -> dict[str, Any]:
     """Both networks are built first (`prepare`), then measured small, large, large, small. Measured once each
@@ -503,22 +508,20 @@ def run_scale(directory: Path, *, small_accounts: int, small_transfers: int, lar
     weighs on both alike. The ratio is of their totals."""
     prepare(directory / "small", accounts=small_accounts, transfers=small_transfers)
     prepare(directory / "large", accounts=large_accounts, transfers=large_transfers)
-    small = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed,
-                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
-    large = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed,
-                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
-    large_again = measure(directory / "large", accounts=large_accounts, transfers=large_transfers, seconds=seconds, seed=seed + 1,
-                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
-    small_again = measure(directory / "small", accounts=small_accounts, transfers=small_transfers, seconds=seconds, seed=seed + 1,
-                    settle_seconds=settle_seconds, memory_limit_bytes=memory_limit_bytes)
-    small_total = small["transfers_per_second"] + small_again["transfers_per_second"]
-    large_total = large["transfers_per_second"] + large_again["transfers_per_second"]
+    sizes = {"small": (small_accounts, small_transfers), "large": (large_accounts, large_transfers)}
+    order = ("small", "large", "large_again", "small_again")
+    measured = {}
+    for key in order:
+        side = key.removesuffix("_again")
+        accounts, transfers = sizes[side]
+        measured[key] = measure(directory / side, accounts=accounts, transfers=transfers, seconds=seconds,
+                                seed=seed + (1 if key.endswith("_again") else 0), settle_seconds=settle_seconds,
+                                memory_limit_bytes=memory_limit_bytes)
+    small_total = measured["small"]["transfers_per_second"] + measured["small_again"]["transfers_per_second"]
+    large_total = measured["large"]["transfers_per_second"] + measured["large_again"]["transfers_per_second"]
     return {
-        "small": small,
-        "large": large,
-        "small_again": small_again,
-        "large_again": large_again,
-        "order": ["small", "large", "large_again", "small_again"],
+        **measured,
+        "order": list(order),
         "throughput_ratio_large_to_small": round(large_total / max(1.0, small_total), 3),
         "node_memory_limit_bytes": memory_limit_bytes,
         "settle_seconds": settle_seconds,
