@@ -246,6 +246,22 @@ class NodeMetrics:
         )
         self.storage_used = Gauge("tonle_storage_used_bytes", "Bytes used in the LMDB map.", registry=registry)
         self.storage_map_size = Gauge("tonle_storage_map_size_bytes", "Configured LMDB map size.", registry=registry)
+        self.storage_readers = Gauge(
+            "tonle_storage_readers",
+            "Read transactions open on the state, from every process (LMDB's reader table).",
+            registry=registry,
+        )
+        self.storage_oldest_reader_lag = Gauge(
+            "tonle_storage_oldest_reader_lag_transactions",
+            "Commits to the state since the snapshot its oldest open reader reads: LMDB reuses no page freed"
+            " after it, so while this grows the data file grows.",
+            registry=registry,
+        )
+        self.storage_stale_readers_cleared = Counter(
+            "tonle_storage_stale_readers_cleared",
+            "Reader slots the node freed because the process holding them had died inside a read transaction.",
+            registry=registry,
+        )
         self.entry_hash_index_index = Gauge(
             "tonle_entry_hash_index_raft_index",
             "Raft index the entry-hash lookup index is built through (lookups scan the hash log past it).",

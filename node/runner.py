@@ -102,3 +102,4 @@ async def _housekeeping(node: LedgerNode, stop: asyncio.Event) -> None:
     while not stop.is_set():
         await asyncio.sleep(housekeeping_interval_seconds)
         node.propose_housekeeping()
+        node.clear_stale_readers()

@@ -10,6 +10,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import lmdb
+
 from config.keys import load_signing_key
 from config.schema import Address, Genesis, NodeConfig, NodeRole, NodeSpec
 from consensus.batch import Batch, Checkpoint, encode_batch
@@ -62,6 +64,9 @@ apply_lag_entries_max = 64
 # When no batch has carried a checkpoint for this long, the leader proposes an empty batch that does, so
 # replicas keep comparing state hashes while the network is idle.
 checkpoint_interval_seconds = 5.0
+# How often housekeeping asks LMDB for reader slots left by dead processes (a scan of the lock table, one
+# kill(pid, 0) per slot): a stale slot costs only file growth, so seconds late is fine.
+stale_reader_check_interval_seconds = 10.0
 fatal_exit_code = 70
 forward_timeout_seconds = 5.0
 _linked_flag = int(TransferFlags.LINKED)  # a plain int: enum operations per entry are slow
@@ -269,6 +274,8 @@ class LedgerNode:
         self._last_checkpoint_index = 0
         self._last_proposal_time = 0.0
         self._leaves_without_head = False
+        # Checked at the first housekeeping: a slot a killed reader left while this node was down counts too.
+        self._stale_readers_checked = float("-inf")
         self.heads = HeadSignatures(self)
         self.page_ager: PageAger | None = None
         self.dead_copies: DeadCopyDropper | None = None
@@ -876,6 +883,31 @@ class LedgerNode:
                 metrics.peer_connected.labels(validator.name).set(1 if validator.name in raft.connected_peers else 0)
         metrics.storage_used.set(self.store.used_bytes())
         metrics.storage_map_size.set(self.store.map_size_bytes())
+        readers = self.store.readers()
+        metrics.storage_readers.set(readers.open)
+        metrics.storage_oldest_reader_lag.set(readers.oldest_lag_transactions)
+
+    def clear_stale_readers(self) -> int:
+        """Housekeeping: free the state's reader slots that processes killed inside a read transaction left
+        (storage.state.LedgerStore.clear_stale_readers), at most once every stale_reader_check_interval_seconds."""
+        now = time.monotonic()
+        if now - self._stale_readers_checked < stale_reader_check_interval_seconds:
+            return 0
+        self._stale_readers_checked = now
+        try:
+            cleared = self.store.clear_stale_readers()
+        except lmdb.Error as error:
+            # A snapshot install closed the environment between the lookup and the call: the next round checks the new one.
+            logger.debug("reader check skipped: %s", error)
+            return 0
+        if cleared:
+            logger.warning(
+                "freed %d reader slot(s) of the state held by processes that died inside a read transaction;"
+                " until now LMDB could not reuse the pages freed after their snapshot", cleared,
+                extra={"event": "stale_readers_cleared"},
+            )
+            self.metrics.storage_stale_readers_cleared.inc(cleared)
+        return cleared
 
 
 def _head_document(head) -> dict[str, Any]:

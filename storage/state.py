@@ -167,6 +167,31 @@ def open_environment(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReaderTable:
+    """The open read transactions of an LMDB environment, and how far behind its newest commit the oldest one reads."""
+
+    open: int
+    oldest_lag_transactions: int
+
+
+def reader_table(listing: str, last_transaction_id: int) -> ReaderTable:
+    """Read mdb_reader_list's text (py-lmdb's `Environment.readers()`): a header, then one line per slot,
+    `pid thread txnid`, where the txnid of a slot with no transaction open is `-`; or `(no active readers)`."""
+    snapshots = []
+    for line in listing.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) != 3 or fields[2] == "-":
+            continue
+        try:
+            snapshots.append(int(fields[2]))
+        except ValueError:
+            raise ValueError(f"unexpected line in LMDB's reader table: {line!r}") from None
+    if not snapshots:
+        return ReaderTable(open=0, oldest_lag_transactions=0)
+    return ReaderTable(open=len(snapshots), oldest_lag_transactions=max(0, last_transaction_id - min(snapshots)))
+
+
 class _Generation:
     """One open LMDB environment of a store, and its named databases.
 
@@ -289,6 +314,21 @@ class LedgerStore:
 
     def map_size_bytes(self) -> int:
         return self.environment.info()["map_size"]
+
+    def readers(self) -> ReaderTable:
+        """The read transactions open on the state, from every process (LMDB's reader lock table)."""
+        environment = self.environment
+        return reader_table(environment.readers(), environment.info()["last_txnid"])
+
+    def clear_stale_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction; returns how many.
+
+        Why. LMDB reuses no page freed after the snapshot its oldest reader reads, and a process killed
+        inside a read transaction (`tonle export --data-dir` beside the node, stopped with SIGKILL) leaves
+        its slot in the lock file holding that snapshot for good: every page a commit frees from then on
+        stays unused and the data file grows with each commit until the node restarts. LMDB only clears
+        such a slot when asked (mdb_reader_check: a slot whose process no longer exists)."""
+        return self.environment.reader_check()
 
     def copy_into(self, descriptor: int, as_of: StateTransaction | None = None) -> None:
         """Write a consistent, compact copy of the environment (an LMDB data file) to a file or pipe, from its

@@ -30,7 +30,9 @@ from node.admin import (
 from node.cluster import LocalCluster, local_map_size_bytes, local_raft
 from node.metrics import NodeMetrics
 from node.monitoring import write_prometheus_config
+from node.server import stale_reader_check_interval_seconds
 from node.status_page import browser_window_size_default, load_in_chromium
+from tests.unit.test_stale_readers import leave_a_dead_reader
 
 pytestmark = pytest.mark.cluster
 
@@ -239,6 +241,25 @@ def test_every_node_reports_cpu_by_thread_job_and_the_counters_only_grow(network
         # /proc counts whole 10 ms clock ticks and this test's traffic is light, so only the thread that
         # started the node (imports, configuration, then the event loop) is sure to show.
         assert value(traffic.after[name], family, sample, thread="event_loop") > 0, f"{name} reports no event-loop CPU"
+
+
+def test_a_reader_killed_beside_a_node_is_freed_by_the_node_counted_and_logged(network, traffic):
+    # An institution node: its state is the same as a validator's, and its role weighs least on the shared network.
+    name = next(node for node in network.nodes if node not in network.validators())
+    path = network.nodes[name].data_dir / "state"
+    cleared_before = value(scrape(network, name), "tonle_storage_stale_readers_cleared", "tonle_storage_stale_readers_cleared_total")
+    leave_a_dead_reader(path, local_map_size_bytes)
+    # Housekeeping checks every stale_reader_check_interval_seconds; the lag is read at each scrape.
+    deadline = time.monotonic() + stale_reader_check_interval_seconds + deadline_seconds
+    while True:
+        families = scrape(network, name)
+        cleared = value(families, "tonle_storage_stale_readers_cleared", "tonle_storage_stale_readers_cleared_total")
+        if cleared > cleared_before or time.monotonic() > deadline:
+            break
+        time.sleep(poll_interval_seconds * 10)
+    assert cleared == cleared_before + 1, f"{name} did not free the dead reader's slot within the deadline"
+    assert "held by processes that died inside a read transaction" in network.nodes[name].log.read_text()
+    assert value(families, "tonle_storage_oldest_reader_lag_transactions") < 100
 
 
 def test_the_leader_times_every_commit_stage_and_hears_from_every_peer(network, traffic):

@@ -122,6 +122,7 @@ def test_the_issue_s_seven_alerts_exist_with_the_entry_hash_index_s():
         "TonleEntryHashIndexBehind",
         "TonleStateDivergence",
         "TonleStorageNearlyFull",
+        "TonleStorageReaderHeld",
     ]
 
 
