@@ -167,7 +167,9 @@ class SignatureVerifier:
             if raw in unverified:
                 entries.append(entry)
         self.remember_decoded(decoded)
-        self.read_ahead([body for _, body in decoded])
+        # An entry this node verified already came in through its own client API, which read its accounts
+        # ahead then (a follower that took the request and forwarded it): reading them again is only CPU.
+        self.read_ahead([body for entry, body in decoded if entry.raw in unverified])
         if entries:
             self._verify_chunk(entries)
 

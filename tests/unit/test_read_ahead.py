@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from config.loader import load_node_config
-from consensus.entries import Issue, OpenAccount, Redeem, RegisterAlias, RotateKey, Transfer, TransferFlags
+from consensus.entries import Issue, OpenAccount, Redeem, RegisterAlias, RotateKey, Transfer, TransferFlags, decode_entry
 from node import verifier as verifier_module
 from node.cluster import LocalCluster
 from node.metrics import thread_usage
@@ -170,6 +170,23 @@ def test_a_batch_arriving_from_the_leader_has_its_entries_accounts_read_ahead_an
     release.set()
     closing.join(deadline_seconds)
     assert not closing.is_alive() and finished == [True]
+
+
+def test_a_follower_that_took_entries_in_itself_does_not_read_their_accounts_ahead_again_when_their_batch_arrives():
+    network = make_network()
+    entries = [network.sign(Transfer(tid(number + 1), f"c{number}@aba", "d@aba", 5, "KHR"), "aba") for number in range(6)]
+    read: list[list[str]] = []
+    verifier = SignatureVerifier(threads=2, read_ahead=lambda bodies: read.append([name for body in bodies for name in accounts_read_by(body)]))
+    try:
+        # The first four came in through this node's client API, verified (and read ahead) there.
+        for future in verifier.verify_many([decode_entry(raw) for raw in entries[:4]]):
+            assert future.result(timeout=deadline_seconds) == [True] * 4
+        raw_batch = batch(*entries)
+        verifier.prefetch(raw_batch)
+        verifier.wait_for_batch(raw_batch)
+    finally:
+        verifier.close()
+    assert read == [["c4@aba", "d@aba", "c5@aba", "d@aba"]]
 
 
 def test_a_node_reads_ahead_unless_its_config_turns_it_off(tmp_path):
