@@ -670,6 +670,11 @@ def _retired_path(path: Path) -> Path:
     return path.with_name(path.name + ".retired")
 
 
+# Versions before 40e2da7 received a snapshot into `.install-*` beside the state (one held the whole image,
+# up to the state's size): a node upgraded after a crash cut such an install short still removes it.
+_older_replacement_scratch_prefix = ".install-"
+
+
 def replacement_scratch_prefix(path: Path) -> str:
     """The name prefix of the scratch directories, beside the state at `path`, its replacement is built in."""
     return f".{path.name}.install-"
@@ -678,8 +683,9 @@ def replacement_scratch_prefix(path: Path) -> str:
 def _finish_interrupted_replacement(path: Path) -> None:
     """Complete or undo a LedgerStore.replace_with that a crash interrupted, before the state is opened, and
     remove the scratch directories of installs a crash cut short (each up to twice the state's size)."""
-    for scratch in path.parent.glob(replacement_scratch_prefix(path) + "*"):
-        shutil.rmtree(scratch)
+    for prefix in (replacement_scratch_prefix(path), _older_replacement_scratch_prefix):
+        for scratch in path.parent.glob(prefix + "*"):
+            shutil.rmtree(scratch)
     retired = _retired_path(path)
     if not retired.exists():
         return

@@ -483,13 +483,15 @@ def test_a_snapshot_holding_a_database_this_version_does_not_know_installs_nothi
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["a", "b", "snapshot.bin"]
 
 
-def test_a_crash_between_the_renames_of_an_install_leaves_the_old_state_to_open(tmp_path, network):
+def test_a_crash_between_the_renames_of_an_install_leaves_the_old_state_to_open_and_no_scratch_of_any_version(tmp_path, network):
     store = new_store(tmp_path / "state", network)
     advance(store, network, 3)
     before = store.summary()
     store.close()
     os.rename(tmp_path / "state", tmp_path / "state.retired")
     (tmp_path / ".state.install-x1" / "state").mkdir(parents=True)  # the new state, left in its scratch directory
+    (tmp_path / ".install-x0").mkdir()  # where versions before 40e2da7 received a snapshot
+    (tmp_path / ".install-x0" / "image").write_bytes(b"x" * 4096)
     reopened = LedgerStore(tmp_path / "state", map_size_bytes=64 << 20)
     assert reopened.summary() == before
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["state"]
