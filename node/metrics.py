@@ -49,6 +49,7 @@ health_check_results = ("passed", "failed")
 thread_roles = ("event_loop", "raft", "apply", "verify", "read_ahead", "snapshot", "receipts", "index", "other")
 thread_cpu_modes = ("user", "system")
 _task_directory = Path("/proc/self/task")
+_process_stat_path = Path("/proc/self/stat")
 _clock_ticks_per_second = os.sysconf("SC_CLK_TCK")
 
 _short_note = " Buckets start at 62.5 us (1 ms x 2^-4): the stage is usually sub-millisecond."
@@ -348,13 +349,22 @@ def thread_usage(native_id: int) -> tuple[float, float, int] | None:
     return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second, int(fields[9])
 
 
+def process_usage() -> tuple[float, float, int]:
+    """(user CPU seconds, system CPU seconds, major page faults) of this whole process, its exited threads'
+    included (Linux)."""
+    fields = stat_fields(_process_stat_path)
+    return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second, int(fields[9])
+
+
 class ThreadCpuCollector(Collector):
     """`tonle_thread_cpu_seconds_total{thread, mode}`: where a node's CPU goes, by job, and
     `tonle_thread_major_page_faults_total{thread}`: which job waits for pages read from disk (LMDB maps its
     files, so a read of a page not in memory is a major fault of the reading thread). Read on each scrape.
 
     A thread that has exited keeps its last-read counts in the totals, so the counters never go down when a
-    snapshot writer or a pool thread ends.
+    snapshot writer or a pool thread ends. What no scrape saw (a thread that started and ended between two,
+    the last moments of one that ended) is still in the process's own counts: the part of those no thread
+    accounts for goes to `other`, so the jobs add up to the process's CPU (`process_cpu_seconds_total`).
     """
 
     def __init__(self) -> None:
@@ -362,9 +372,14 @@ class ThreadCpuCollector(Collector):
         self._last: dict[threading.Thread, tuple[str, float, float, int]] = {}
         self._retired = {(role, mode): 0.0 for role in thread_roles for mode in thread_cpu_modes}
         self._retired_faults = {role: 0 for role in thread_roles}
+        self._unseen = {mode: 0.0 for mode in thread_cpu_modes}
+        self._unseen_faults = 0
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
+            # Read before the threads: a thread read later has run longer, so what is left over for `other`
+            # is at most what no thread accounts for, never time a thread will report itself.
+            process_user, process_system, process_faults = process_usage()
             seen: dict[threading.Thread, tuple[str, float, float, int]] = {}
             for thread in threading.enumerate():
                 if thread.native_id is None:
@@ -384,6 +399,14 @@ class ThreadCpuCollector(Collector):
                 totals[(role, "user")] += user
                 totals[(role, "system")] += system
                 fault_totals[role] += faults
+            # Kept at its highest, so that a counter never goes down: per-thread clock ticks are rounded down
+            # one thread at a time, so the remainder can come out a tick lower on a later scrape.
+            for mode, process_seconds in (("user", process_user), ("system", process_system)):
+                accounted = sum(seconds for (_role, counted_mode), seconds in totals.items() if counted_mode == mode)
+                self._unseen[mode] = max(self._unseen[mode], process_seconds - accounted)
+                totals[("other", mode)] += self._unseen[mode]
+            self._unseen_faults = max(self._unseen_faults, process_faults - sum(fault_totals.values()))
+            fault_totals["other"] += self._unseen_faults
         family = CounterMetricFamily(
             "tonle_thread_cpu_seconds",
             "CPU time of this node's threads by job (event_loop, raft, apply, verify, read_ahead, snapshot, receipts, index, other) and mode.",

@@ -58,6 +58,29 @@ def test_a_busy_thread_is_counted_under_its_job_and_stays_counted_after_it_exits
     assert after_exit >= while_alive, "a thread's CPU left the counter when the thread exited"
 
 
+def test_a_thread_no_scrape_saw_alive_is_counted_under_other_and_the_jobs_add_up_to_the_process():
+    collector = ThreadCpuCollector()
+    before = cpu_of(collector, "other")
+    used: list[float] = []
+
+    def burn() -> None:
+        while time.thread_time() < busy_cpu_seconds:
+            pass
+        used.append(time.thread_time())
+
+    thread = threading.Thread(target=burn, name="verify_8")
+    thread.start()
+    thread.join(deadline_seconds)
+    assert not thread.is_alive() and used, "the busy thread did not burn its CPU in time"
+    after = cpu_of(collector, "other")
+    assert after - before >= used[0] - 0.03
+    assert cpu_of(collector, "other") >= after, "the counter went down"
+    (family,) = [family for family in collector.collect() if family.name == "tonle_thread_cpu_seconds"]
+    jobs = sum(sample.value for sample in family.samples)
+    process = sum(os.times()[:2])
+    assert abs(process - jobs) < 0.1, f"jobs add up to {jobs} s, the process used {process} s"
+
+
 def test_a_thread_that_reads_an_uncached_page_from_disk_counts_a_major_fault_under_its_job(tmp_path):
     collector = ThreadCpuCollector()
 
