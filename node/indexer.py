@@ -43,13 +43,13 @@ class EntryHashIndexer:
         index: EntryHashIndex,
         store: LedgerStore,
         *,
-        indexed: Callable[[int, int, int], None],
+        indexed: Callable[[int, int, int, int], None],
         failed: Callable[[], None],
         fatal: Callable[[str], None],
     ) -> None:
         self._index = index
         self._store = store
-        self._indexed = indexed  # (pairs indexed, index built through, runs)
+        self._indexed = indexed  # (pairs indexed, index built through, runs, pairs its merges wrote)
         self._failed = failed
         self._fatal = fatal
         self._wake = threading.Event()
@@ -82,12 +82,15 @@ class EntryHashIndexer:
             self._wake.clear()
             pause = 0.0
             try:
+                merged_before = self._index.pairs_merged
                 pairs = self._index.catch_up(self._store, catch_up_entries_max)
+                merged = self._index.pairs_merged - merged_before
                 indexed_through = self._index.indexed_through()
                 runs = len(self._index.runs())
                 if pairs:
-                    logger.debug("entry-hash index: %d pairs, now through index %d, %d runs", pairs, indexed_through, runs)
-                self._indexed(pairs, indexed_through, runs)
+                    logger.debug("entry-hash index: %d pairs, now through index %d, %d runs, %d pairs merged",
+                                 pairs, indexed_through, runs, merged)
+                self._indexed(pairs, indexed_through, runs, merged)
                 if 0 < pairs < catch_up_entries_max:
                     pause = index_interval_seconds  # caught up: let the next transaction gather more
             except (lmdb.Error, IndexSlotsExhausted, IndexDamaged) as error:

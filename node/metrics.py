@@ -271,6 +271,12 @@ class NodeMetrics:
         self.entry_hash_index_entries = Counter(
             "tonle_entry_hash_index_entries", "Transfers added to the entry-hash lookup index.", registry=registry
         )
+        self.entry_hash_index_merged = Counter(
+            "tonle_entry_hash_index_merged_entries",
+            "Transfers the entry-hash index's merges wrote again (each is rewritten about once per size class it"
+            " passes through; the work comes in bursts, as a size class fills).",
+            registry=registry,
+        )
         self.entry_hash_index_runs = Gauge(
             "tonle_entry_hash_index_runs",
             "Sorted runs in the entry-hash lookup index: a lookup seeks each; merges keep them under 8 a size class.",

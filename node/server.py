@@ -387,9 +387,10 @@ class LedgerNode:
             pass  # the apply reads the same record, checks it, and stops the node with the cause
         self.metrics.accounts_read_ahead.inc(len(names))
 
-    def _on_indexed(self, pairs: int, indexed_through: int, runs: int) -> None:
+    def _on_indexed(self, pairs: int, indexed_through: int, runs: int, merged: int) -> None:
         """Indexer thread: prometheus-client metrics are thread-safe."""
         self.metrics.entry_hash_index_entries.inc(pairs)
+        self.metrics.entry_hash_index_merged.inc(merged)
         self.metrics.entry_hash_index_index.set(indexed_through)
         self.metrics.entry_hash_index_runs.set(runs)
 

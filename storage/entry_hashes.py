@@ -196,6 +196,9 @@ class EntryHashIndex:
         elif not (path / "data.mdb").exists():
             raise FileNotFoundError(f"{path} holds no entry-hash index")
         self.path = path
+        # Pairs this object's merges wrote, for the node's metrics: a merge's work comes in bursts (a level
+        # is merged when it fills), and a benchmark window must say whether it held one.
+        self.pairs_merged = 0
         # sync=True with metasync=False: a crash may lose the last indexing transaction, never the index's
         # integrity (LMDB's MDB_NOMETASYNC); what is lost is indexed again from the log.
         self.environment = open_environment(
@@ -365,6 +368,7 @@ class EntryHashIndex:
                 chunk_entries, runs, merges = self._merge_chunk(transaction, merge, runs, merges)
                 written += chunk_entries
                 slots_short = _slots_short(runs, merges)
+            self.pairs_merged += chunk_entries
             if written >= entries_budget and not slots_short:
                 return written
 

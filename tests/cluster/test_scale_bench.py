@@ -15,6 +15,7 @@ def test_the_scale_bench_settles_its_network_under_load_it_does_not_count(tmp_pa
         settling = document["settling"]
         assert settling["seconds"] == 2 and settling["failed"] == {} and settling["transfers_acknowledged"] > 0
         assert document["failed"] == {} and document["transfers_acknowledged"] > 0
+        assert document["entry_hash_index_pairs_merged_per_transfer"] >= 0
         cluster = LocalCluster.load(directory)
         # The leader applied every acknowledged transfer before acknowledging it, and the nodes commit with fsync.
         held = max(_recorded_transfers(cluster.nodes[name].data_dir) for name in cluster.validators())

@@ -53,6 +53,17 @@ def test_the_report_shows_the_dead_page_copies_each_network_dropped_per_transfer
     assert len(rows) == 1 and rows[0].split()[-2:] == ["0.6", "7.0"]
 
 
+def test_the_report_shows_the_entry_hash_index_merge_work_each_measurement_held() -> None:
+    small, large = _side(10_000, 1 << 20, 1 << 20), _side(1_000_000, 102 << 20, 102 << 20)
+    small["entry_hash_index_pairs_merged_per_transfer"], large["entry_hash_index_pairs_merged_per_transfer"] = 0.0, 21.37
+    document = {"small": small, "large": large, "throughput_ratio_large_to_small": 0.8}
+    rows = [line for line in render_scale(document).splitlines() if line.startswith("entry-hash index merges")]
+    assert len(rows) == 1 and rows[0].split()[-2:] == ["0.0", "21.4"]
+    # A document from before the field was measured has no such row.
+    del small["entry_hash_index_pairs_merged_per_transfer"]
+    assert not any(line.startswith("entry-hash index merges") for line in render_scale(document).splitlines())
+
+
 def test_the_report_shows_the_uncounted_load_each_network_settled_under_and_its_disk_reads() -> None:
     small, large = _side(10_000, 1 << 20, 1 << 20), _side(1_000_000, 102 << 20, 102 << 20)
     small["settling"] = {"seconds": 30, "transfers_per_second": 2100.0, "disk_reads_per_transfer": 0.0, "failed": {}}

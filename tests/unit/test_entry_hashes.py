@@ -205,7 +205,7 @@ def test_an_index_entry_naming_a_transfer_of_another_hash_stops_the_lookup(ledge
 
 
 def test_the_indexer_thread_follows_the_apply_and_reports_what_it_indexed(ledger: Ledger, index: EntryHashIndex) -> None:
-    reports: list[tuple[int, int]] = []
+    reports: list[tuple[int, int, int, int]] = []
     indexer = EntryHashIndexer(index, ledger.store, indexed=lambda *report: reports.append(report), failed=lambda: None, fatal=pytest.fail)
     indexer.start()
     try:
@@ -218,8 +218,9 @@ def test_the_indexer_thread_follows_the_apply_and_reports_what_it_indexed(ledger
             time.sleep(0.01)
     finally:
         indexer.close()
-    assert sum(pairs for pairs, _through, _runs in reports) == 6  # the fixture's issue and five payments
+    assert sum(pairs for pairs, _through, _runs, _merged in reports) == 6  # the fixture's issue and five payments
     assert reports[-1][1] == ledger.summary().applied_index and reports[-1][2] == len(index.runs()) > 0
+    assert sum(merged for _pairs, _through, _runs, merged in reports) == index.pairs_merged
 
 
 def test_the_indexer_counts_a_failed_transaction_and_keeps_running(ledger: Ledger, tmp_path: Path) -> None:
@@ -411,6 +412,9 @@ def test_runs_of_one_level_are_merged_so_runs_stay_few_and_every_pair_is_indexed
     assert made == 60 and all(levels.count(level) < 4 for level in levels) and len(runs) < 10
     assert any(run.entries >= 8 * 4 * 4 for run in runs)  # merged at least twice over
     indexed = every_indexed_pair(index)
+    # Counted as written: a pair in a run of 32 or more was written again by each merge that took it up a
+    # level (8 to 32, 32 to 128 here), and by no other.
+    assert index.pairs_merged == sum(run.entries * sum(1 for size in (32, 128, 512) if run.entries >= size) for run in runs)
     assert sorted(indexed) == sorted(pairs + logged_pairs(ledger)[:1]) and len(set(indexed)) == len(indexed)
     assert index.check(ledger.store).consistent
     for pair in pairs[::37]:
