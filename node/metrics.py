@@ -349,16 +349,19 @@ def thread_usage(native_id: int) -> tuple[float, float, int] | None:
     """(user CPU seconds, system CPU seconds, major page faults) of one thread of this process, or None once
     it has exited (Linux)."""
     try:
-        fields = stat_fields(_task_directory / str(native_id) / "stat")
+        return _usage(_task_directory / str(native_id) / "stat")
     except OSError:
         return None
-    return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second, int(fields[9])
 
 
 def process_usage() -> tuple[float, float, int]:
     """(user CPU seconds, system CPU seconds, major page faults) of this whole process, its exited threads'
     included (Linux)."""
-    fields = stat_fields(_process_stat_path)
+    return _usage(_process_stat_path)
+
+
+def _usage(stat_path: Path) -> tuple[float, float, int]:
+    fields = stat_fields(stat_path)
     return int(fields[11]) / _clock_ticks_per_second, int(fields[12]) / _clock_ticks_per_second, int(fields[9])
 
 
