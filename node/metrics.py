@@ -260,7 +260,8 @@ class NodeMetrics:
         )
         self.storage_stale_readers_cleared = Counter(
             "tonle_storage_stale_readers_cleared",
-            "Reader slots the node freed because the process holding them had died inside a read transaction.",
+            "Reader slots of the state or the entry-hash index the node freed because the process holding them"
+            " had died inside a read transaction.",
             registry=registry,
         )
         self.entry_hash_index_index = Gauge(

@@ -40,7 +40,7 @@ from storage.records import earliest_expiry_ms, read_accounts_ahead
 from storage.rules import AppliedBatch, accounts_read_by, head_window_ms, initialize
 from storage.entry_hashes import EntryHashIndex
 from storage.free_pages import FreePagesUnreadable
-from storage.state import StateTransaction, StorageCorrupted, open_store, schema_version
+from storage.state import StateTransaction, StorageCorrupted, clear_stale_readers, open_store, schema_version
 
 logger = logging.getLogger("tonle.node")
 
@@ -889,26 +889,31 @@ class LedgerNode:
         metrics.storage_oldest_reader_lag.set(readers.oldest_lag_transactions)
 
     def clear_stale_readers(self) -> int:
-        """Housekeeping: free the state's reader slots that processes killed inside a read transaction left
-        (storage.state.LedgerStore.clear_stale_readers), at most once every stale_reader_check_interval_seconds."""
+        """Housekeeping: free the reader slots that processes killed inside a read transaction left on the state
+        and on the entry-hash index (storage.state.clear_stale_readers), at most once every
+        stale_reader_check_interval_seconds."""
         now = time.monotonic()
         if now - self._stale_readers_checked < stale_reader_check_interval_seconds:
             return 0
         self._stale_readers_checked = now
-        try:
-            cleared = self.store.clear_stale_readers()
-        except lmdb.Error as error:
-            # A snapshot install closed the environment between the lookup and the call: the next round checks the new one.
-            logger.debug("reader check skipped: %s", error)
-            return 0
-        if cleared:
-            logger.warning(
-                "freed %d reader slot(s) of the state held by processes that died inside a read transaction;"
-                " until now LMDB could not reuse the pages freed after their snapshot", cleared,
-                extra={"event": "stale_readers_cleared"},
-            )
-            self.metrics.storage_stale_readers_cleared.inc(cleared)
-        return cleared
+        total = 0
+        for what, holder in (("state", self.store), ("entry-hash index", self.entry_hashes)):
+            try:
+                cleared = clear_stale_readers(holder.environment)
+            except lmdb.Error as error:
+                # A snapshot install closed the state's environment between the lookup and the call: the next
+                # round checks the new one.
+                logger.debug("reader check of the %s skipped: %s", what, error)
+                continue
+            if cleared:
+                logger.warning(
+                    "freed %d reader slot(s) of the %s held by processes that died inside a read transaction;"
+                    " until now LMDB could not reuse the pages freed after their snapshot", cleared, what,
+                    extra={"event": "stale_readers_cleared"},
+                )
+                self.metrics.storage_stale_readers_cleared.inc(cleared)
+                total += cleared
+        return total
 
 
 def _head_document(head) -> dict[str, Any]:

@@ -192,6 +192,18 @@ def reader_table(listing: str, last_transaction_id: int) -> ReaderTable:
     return ReaderTable(open=len(snapshots), oldest_lag_transactions=max(0, last_transaction_id - min(snapshots)))
 
 
+def clear_stale_readers(environment: lmdb.Environment) -> int:
+    """Free the reader slots of an environment held by processes that died inside a read transaction; returns
+    how many.
+
+    Why. LMDB reuses no page freed after the snapshot its oldest reader reads, and a process killed inside a
+    read transaction (`tonle export --data-dir` beside the node, stopped with SIGKILL) leaves its slot in the
+    lock file holding that snapshot for good: every page a commit frees from then on stays unused and the data
+    file grows with each commit until the node restarts. LMDB only clears such a slot when asked
+    (mdb_reader_check: a slot whose process no longer exists)."""
+    return environment.reader_check()
+
+
 class _Generation:
     """One open LMDB environment of a store, and its named databases.
 
@@ -321,14 +333,8 @@ class LedgerStore:
         return reader_table(environment.readers(), environment.info()["last_txnid"])
 
     def clear_stale_readers(self) -> int:
-        """Free the reader slots of processes that died inside a read transaction; returns how many.
-
-        Why. LMDB reuses no page freed after the snapshot its oldest reader reads, and a process killed
-        inside a read transaction (`tonle export --data-dir` beside the node, stopped with SIGKILL) leaves
-        its slot in the lock file holding that snapshot for good: every page a commit frees from then on
-        stays unused and the data file grows with each commit until the node restarts. LMDB only clears
-        such a slot when asked (mdb_reader_check: a slot whose process no longer exists)."""
-        return self.environment.reader_check()
+        """Free the state's reader slots of processes that died inside a read transaction; returns how many."""
+        return clear_stale_readers(self.environment)
 
     def copy_into(self, descriptor: int, as_of: StateTransaction | None = None) -> None:
         """Write a consistent, compact copy of the environment (an LMDB data file) to a file or pipe, from its

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.state import LedgerStore, ReaderTable, reader_table
+from storage.entry_hashes import EntryHashIndex
+from storage.state import LedgerStore, ReaderTable, clear_stale_readers, reader_table
 
 repository_root = Path(__file__).resolve().parents[2]
 map_size_bytes = 64 << 20
@@ -21,16 +22,17 @@ reader_start_seconds_max = 30.0
 # Commits that each free as many pages as they write: with reuse the file stops growing after a few.
 churn_commits = 300
 
-# A `tonle export --data-dir` beside the node, as far as LMDB sees it: a read-only store in another process,
-# inside a read transaction when it is killed.
+# A `tonle export --data-dir` beside the node, as far as LMDB sees it: a read-only environment opened as the
+# node's stores open theirs, in another process, inside a read transaction when it is killed.
 _reader = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from storage.state import LedgerStore
-    store = LedgerStore(Path(sys.argv[1]), map_size_bytes=int(sys.argv[2]), readonly=True)
-    transaction = store.read()
-    transaction.get("meta", b"watched")
+    from storage.state import open_environment
+    environment = open_environment(Path(sys.argv[1]), map_size_bytes=int(sys.argv[2]), sync=False, metasync=False,
+                                   databases_max=128, readonly=True)
+    transaction = environment.begin()
+    transaction.get(b"watched")
     print("reading", flush=True)
     time.sleep(600)
     """
@@ -38,7 +40,7 @@ _reader = textwrap.dedent(
 
 
 def leave_a_dead_reader(path: Path, map_size: int) -> None:
-    """Run the reader above on the state at `path` and kill it inside its read transaction."""
+    """Run the reader above on the environment at `path` and kill it inside its read transaction."""
     reader = subprocess.Popen(
         [sys.executable, "-c", _reader, str(path), str(map_size)], cwd=repository_root, stdout=subprocess.PIPE, text=True,
     )
@@ -105,3 +107,13 @@ def test_a_reader_killed_inside_its_transaction_stops_page_reuse_until_its_slot_
         assert store.used_bytes() - size_before < grown / 10
     finally:
         store.close()
+
+
+def test_a_dead_reader_of_the_entry_hash_index_is_freed_the_same_way(tmp_path: Path) -> None:
+    index = EntryHashIndex(tmp_path / "entry_hashes", map_size_bytes=map_size_bytes, sync=False)
+    try:
+        leave_a_dead_reader(index.path, map_size_bytes)
+        assert clear_stale_readers(index.environment) == 1
+        assert clear_stale_readers(index.environment) == 0
+    finally:
+        index.close()
