@@ -456,8 +456,8 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
         threads_before = bench._thread_cpu_seconds(cluster)
         faults_before = _major_faults(pids)
         thread_faults_before = bench.thread_major_faults(cluster)
-        dropped_before = _dead_pages_dropped(cluster)
-        merged_before = _index_pairs_merged(cluster)
+        dropped_before = _network_total(cluster, "tonle_state_dead_pages_dropped")
+        merged_before = _network_total(cluster, "tonle_entry_hash_index_merged_entries")
         disk_before = disk_writes(device) if device is not None else None
         peak = asyncio.run(bench.closed_loop([address], workload, seconds, bench.request_entries, bench.requests_in_flight, "peak"))
         cpu_used = sum(bench._cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items())
@@ -478,11 +478,11 @@ def _measure_started(cluster: LocalCluster, document: dict[str, Any], *, account
             for thread, count in sorted(thread_faults_after.items())
         }
         # The copies each commit freed and the nodes dropped from memory (node/page_aging.py, DeadCopyDropper).
-        document["dead_pages_dropped_per_transfer"] = round((_dead_pages_dropped(cluster) - dropped_before) / max(1, peak.acknowledged), 2)
+        document["dead_pages_dropped_per_transfer"] = round((_network_total(cluster, "tonle_state_dead_pages_dropped") - dropped_before) / max(1, peak.acknowledged), 2)
         # The entry-hash index merges a size class when it fills: a window that held a large merge pays for
         # work the windows before it did not (a node indexes a pair per transfer; at 13 million its merges have
         # written each pair 3 to 4 times more, in bursts).
-        document["entry_hash_index_pairs_merged_per_transfer"] = round((_index_pairs_merged(cluster) - merged_before) / max(1, peak.acknowledged), 2)
+        document["entry_hash_index_pairs_merged_per_transfer"] = round((_network_total(cluster, "tonle_entry_hash_index_merged_entries") - merged_before) / max(1, peak.acknowledged), 2)
         if device is not None:
             # Every write the disk completed while the network ran, whoever asked: a bench machine runs nothing else.
             requests, written = (after - before for after, before in zip(disk_writes(device), disk_before, strict=True))
@@ -545,12 +545,9 @@ def _out_of_memory_kills(document: dict[str, Any], side: str) -> int:
     return sum(sum(measurement["node_out_of_memory_kills"].values()) for measurement in _measurements(document, side))
 
 
-def _dead_pages_dropped(cluster: LocalCluster) -> float:
-    return bench._summed_counter(cluster, "tonle_state_dead_pages_dropped", ()).get((), 0.0)
-
-
-def _index_pairs_merged(cluster: LocalCluster) -> float:
-    return bench._summed_counter(cluster, "tonle_entry_hash_index_merged_entries", ()).get((), 0.0)
+def _network_total(cluster: LocalCluster, counter: str) -> float:
+    """An unlabelled counter, summed over the network's nodes."""
+    return bench._summed_counter(cluster, counter, ()).get((), 0.0)
 
 
 def render_scale(document: dict[str, Any]) -> str:
