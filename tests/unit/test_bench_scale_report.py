@@ -21,6 +21,11 @@ def _side(accounts: int, at_start: int, at_end: int) -> dict:
     }
 
 
+def _rows(document: dict, label: str) -> list[str]:
+    """The report's lines that start with `label`."""
+    return [line for line in render_scale(document).splitlines() if line.startswith(label)]
+
+
 def test_the_account_database_is_measured_in_whole_pages_of_a_stopped_node(tmp_path: Path) -> None:
     store = LedgerStore(tmp_path / "data" / "state", map_size_bytes=map_size_bytes, sync=False)
     with store.write() as transaction:
@@ -40,7 +45,7 @@ def test_the_report_shows_each_networks_account_database_at_the_start_and_end_of
         "large": _side(1_000_000, 102 << 20, 110 << 20),
         "throughput_ratio_large_to_small": 0.8,
     }
-    rows = [line for line in render_scale(document).splitlines() if line.startswith("account database")]
+    rows = _rows(document, "account database")
     assert len(rows) == 1
     assert rows[0].split()[-8:] == ["1", "/", "2", "MiB", "102", "/", "110", "MiB"]
 
@@ -49,7 +54,7 @@ def test_the_report_shows_the_dead_page_copies_each_network_dropped_per_transfer
     small, large = _side(10_000, 1 << 20, 1 << 20), _side(1_000_000, 102 << 20, 102 << 20)
     small["dead_pages_dropped_per_transfer"], large["dead_pages_dropped_per_transfer"] = 0.61, 7.04
     document = {"small": small, "large": large, "throughput_ratio_large_to_small": 0.8}
-    rows = [line for line in render_scale(document).splitlines() if line.startswith("dead page copies")]
+    rows = _rows(document, "dead page copies")
     assert len(rows) == 1 and rows[0].split()[-2:] == ["0.6", "7.0"]
 
 
@@ -57,11 +62,11 @@ def test_the_report_shows_the_entry_hash_index_merge_work_each_measurement_held(
     small, large = _side(10_000, 1 << 20, 1 << 20), _side(1_000_000, 102 << 20, 102 << 20)
     small["entry_hash_index_pairs_merged_per_transfer"], large["entry_hash_index_pairs_merged_per_transfer"] = 0.0, 21.37
     document = {"small": small, "large": large, "throughput_ratio_large_to_small": 0.8}
-    rows = [line for line in render_scale(document).splitlines() if line.startswith("entry-hash index merges")]
+    rows = _rows(document, "entry-hash index merges")
     assert len(rows) == 1 and rows[0].split()[-2:] == ["0.0", "21.4"]
     # A document from before the field was measured has no such row.
     del small["entry_hash_index_pairs_merged_per_transfer"]
-    assert not any(line.startswith("entry-hash index merges") for line in render_scale(document).splitlines())
+    assert _rows(document, "entry-hash index merges") == []
 
 
 def test_the_report_shows_the_uncounted_load_each_network_settled_under_and_its_disk_reads() -> None:
@@ -79,4 +84,4 @@ def test_the_report_shows_the_uncounted_load_each_network_settled_under_and_its_
 
 def test_the_report_has_no_settling_rows_for_a_run_measured_without_one() -> None:
     document = {"small": _side(10_000, 1 << 20, 1 << 20), "large": _side(1_000_000, 1 << 20, 1 << 20), "throughput_ratio_large_to_small": 0.8}
-    assert not any(line.startswith("load before measuring") for line in render_scale(document).splitlines())
+    assert _rows(document, "load before measuring") == []
