@@ -351,9 +351,7 @@ def receipt_cost(directory: Path) -> dict[str, float]:
         for _ in range(receipt_sample_transfers)
     ]
     results = {}
-    for receipts, busy in ((True, False), (False, False), (True, True)):
-        stop = threading.Event()
-        competitor = threading.Thread(target=_busy_python_thread, args=(transfers[:64], stop), name="bench-busy", daemon=True)
+    for name, receipts, busy in (("with", True, False), ("without", False, False), ("busy", True, True)):
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             store = LedgerStore(Path(scratch), map_size_bytes=1 << 30, sync=False)
             index = 1
@@ -366,6 +364,8 @@ def receipt_cost(directory: Path) -> dict[str, float]:
             cpu = 0.0
             written_before = _bytes_written()
             pages_before = store.environment.info()["last_pgno"]
+            stop = threading.Event()
+            competitor = threading.Thread(target=_busy_python_thread, args=(transfers[:64], stop), name="bench-busy", daemon=True)
             if busy:
                 competitor.start()
             try:
@@ -380,17 +380,13 @@ def receipt_cost(directory: Path) -> dict[str, float]:
                 stop.set()
                 if busy:
                     competitor.join()
-            if busy:
-                store.close()
-                results["busy"] = cpu / len(transfers)
-                continue
-            if receipts:
+            if name == "with":
                 results["bytes_written"] = (_bytes_written() - written_before) / len(transfers)
                 # How far the data file grew: freed pages are reused first, so this is what the state keeps.
                 grown_pages = store.environment.info()["last_pgno"] - pages_before
                 results["state_bytes"] = grown_pages * store.environment.stat()["psize"] / len(transfers)
             store.close()
-            results["with" if receipts else "without"] = cpu / len(transfers)
+            results[name] = cpu / len(transfers)
     return {"apply_cpu_seconds_with_receipts": results["with"], "apply_cpu_seconds_without_receipts": results["without"],
             "apply_cpu_seconds_beside_busy_thread": results["busy"],
             "apply_bytes_written_per_transfer": results["bytes_written"], "state_bytes_per_transfer": results["state_bytes"]}
