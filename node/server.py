@@ -480,10 +480,12 @@ class LedgerNode:
         if candidates:
             self.verifier.read_ahead(bodies)
             started = time.perf_counter()
-            futures = self.verifier.verify_many([candidate.entry for candidate in candidates])
-            validity: list[bool] = []
-            for future in futures:
-                validity.extend(await asyncio.wrap_future(future))
+            entries = [candidate.entry for candidate in candidates]
+            validity = self.verifier.verify_now_if_idle(entries)
+            if validity is None:
+                validity = []
+                for future in self.verifier.verify_many(entries):
+                    validity.extend(await asyncio.wrap_future(future))
             self.metrics.signature_verification.observe(time.perf_counter() - started)
             decoded = []
             for candidate, body, valid in zip(candidates, bodies, validity, strict=True):

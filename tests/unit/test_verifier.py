@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,40 @@ def test_the_decode_cache_keeps_at_most_its_limit_dropping_the_oldest(verifier, 
     verifier.remember_decoded([(decode_entry(raw), decode_entry(raw).body()) for raw in entries])
     assert verifier.take_decoded(entries[14]) is None
     assert all(verifier.take_decoded(raw) is not None for raw in entries[15:])
+
+
+def test_a_lone_entry_is_verified_on_the_callers_thread_only_while_the_pool_has_nothing_under_way(verifier, monkeypatch):
+    network = make_network()
+    entries = [decode_entry(raw) for raw in workload(network, 8)]
+    checked_on: list[str] = []
+    real_check = verifier_module.signature_is_valid
+    release = threading.Event()
+
+    def recording_check(entry):
+        checked_on.append(threading.current_thread().name)
+        if entry is entries[7]:
+            release.wait(timeout=10)  # holds a pool thread: the pool has a verification under way
+        return real_check(entry)
+
+    monkeypatch.setattr(verifier_module, "signature_is_valid", recording_check)
+    caller = threading.current_thread().name
+
+    assert verifier.verify_now_if_idle([entries[0]]) == [True]
+    assert checked_on == [caller]
+    assert verifier.is_valid(entries[0]) and verifier.cache_hits == 1  # remembered for the apply, as from the pool
+    assert verifier.verify_now_if_idle([entries[5]]) == [False]  # the forged one
+
+    # More than inline_entries_max entries always go to the pool.
+    assert verifier.verify_now_if_idle(entries[1:3]) is None
+
+    checked_on.clear()
+    held = verifier.verify_many([entries[7]])
+    assert verifier.verify_now_if_idle([entries[1]]) is None
+    release.set()
+    assert held[0].result(timeout=10) == [True]
+    assert all(name.startswith("verify") for name in checked_on)
+    deadline = time.monotonic() + 10
+    while verifier.verify_now_if_idle([entries[2]]) is None:  # the pool's done-callback may run a moment later
+        assert time.monotonic() < deadline, "the pool never became idle again"
+        time.sleep(0.01)
+    assert checked_on[-1] == caller
