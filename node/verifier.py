@@ -78,7 +78,7 @@ class SignatureVerifier:
         self._under_way = 0
         self._under_way_lock = threading.Lock()
         self._clock = clock
-        self._last_inline_seconds: float | None = None
+        self._last_inline_seconds = float("-inf")  # no check done inline yet
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -171,7 +171,7 @@ class SignatureVerifier:
             if self._under_way:
                 return None
         now = self._clock()
-        if self._last_inline_seconds is not None and now - self._last_inline_seconds < inline_interval_seconds_min:
+        if now - self._last_inline_seconds < inline_interval_seconds_min:
             return None
         self._last_inline_seconds = now
         return self._verify_chunk(entries)
