@@ -347,7 +347,7 @@ class SecureTransport(Transport):
         self_name: str,
         signing_key: nacl.signing.SigningKey,
         peers: Mapping[str, PeerIdentity],
-        before_send: Callable[[], object] = lambda: None,
+        before_send: Callable[[str], object] = lambda message_type: None,
         observer: TransportObserver | None = None,
         admitted_peer: Callable[[str], PeerIdentity | None] = lambda name: None,
     ) -> None:
@@ -437,7 +437,7 @@ class SecureTransport(Transport):
         except WireError as error:
             self._drop(connection, message_type_label(message), "unsupported", error.reason)
             return False
-        self._before_send()
+        self._before_send(message_type_label(message))
         for payload in payloads:
             ciphertext = connection.cipher.seal(payload)
             connection.write_buffer += len(ciphertext).to_bytes(_frame_header_bytes, "big")

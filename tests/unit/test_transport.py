@@ -166,7 +166,7 @@ class RunningNode:
     syncobj: Counter
     observer: RecordingObserver
     transports: list[SecureTransport]
-    before_send_calls: list[float]
+    before_send_calls: list[str]  # the type of each message the transport was about to send
 
     @property
     def transport(self) -> SecureTransport:
@@ -179,16 +179,16 @@ def start_node(
     self_address: str | None,
     other_addresses: list[str],
     conf: SyncObjConf,
-    before_send: Callable[[], object] | None = None,
+    before_send: Callable[[str], object] | None = None,
 ) -> RunningNode:
     observer = RecordingObserver()
     transports: list[SecureTransport] = []
-    before_send_calls: list[float] = []
+    before_send_calls: list[str] = []
 
-    def record_before_send() -> None:
-        before_send_calls.append(time.monotonic())
+    def record_before_send(message_type: str) -> None:
+        before_send_calls.append(message_type)
         if before_send is not None:
-            before_send()
+            before_send(message_type)
 
     def build(sync_object: SyncObj, self_node: object, other_nodes: object) -> SecureTransport:
         built = SecureTransport(
@@ -998,7 +998,7 @@ def failing_sync() -> threading.Event:
 def ticked_leader(genesis: Genesis, failing_sync: threading.Event) -> Iterator[RunningNode]:
     """v4 alone with autoTick off, so the test thread drives every send and sees every exception."""
 
-    def before_send() -> None:
+    def before_send(message_type: str) -> None:
         if failing_sync.is_set():
             raise RuntimeError("journal sync failed")
 
@@ -1047,6 +1047,7 @@ def test_before_send_runs_before_anything_is_transmitted_and_its_error_propagate
     failing_sync.clear()
     calls_before = len(ticked_leader.before_send_calls)
     tick_until(ticked_leader, lambda: len(ticked_leader.before_send_calls) > calls_before, "a send")
+    assert ticked_leader.before_send_calls[calls_before] == "append_entries"  # the hook is told what it precedes
     session.socket.settimeout(socket_timeout_seconds)
     assert session.receive_message()[0] == 1  # append_entries
 
