@@ -196,6 +196,13 @@ class NodeMetrics:
             buckets=short_latency_buckets_seconds,
             registry=registry,
         )
+        self.state_commit = Histogram(
+            "tonle_state_commit_seconds",
+            "Duration of the LMDB commit that ends an apply transaction (its page writes and fsyncs): the"
+            " state's disk, as tonle_journal_fsync_seconds is the journal's." + _short_note,
+            buckets=short_latency_buckets_seconds,
+            registry=registry,
+        )
         self.apply_batches = Histogram(
             "tonle_commit_apply_batches",
             "Batches applied per LMDB transaction: more than one when the apply had fallen behind.",

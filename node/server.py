@@ -130,9 +130,10 @@ class _Events(RaftEvents):
     def __init__(self, node: LedgerNode) -> None:
         self._node = node
 
-    def applied(self, batches: list[AppliedBatch], transaction_seconds: float) -> None:
+    def applied(self, batches: list[AppliedBatch], transaction_seconds: float, commit_seconds: float) -> None:
         node = self._node
         node.metrics.apply.observe(transaction_seconds)
+        node.metrics.state_commit.observe(commit_seconds)
         node.metrics.apply_batches.observe(len(batches))
         for batch in batches:
             node.metrics.batch_entries.observe(len(batch.outcomes))

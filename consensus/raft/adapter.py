@@ -119,9 +119,10 @@ class RaftStatus:
 class RaftEvents:
     """Callbacks from the tick thread. The node overrides what it needs; each must return quickly."""
 
-    def applied(self, batches: list[AppliedBatch], transaction_seconds: float) -> None:
+    def applied(self, batches: list[AppliedBatch], transaction_seconds: float, commit_seconds: float) -> None:
         """After the commit of one apply transaction: the batches it applied (none, if all were replays or
-        no-ops) and how long the transaction took, commit included."""
+        no-ops), how long the transaction took, commit included, and how long LMDB's commit alone took (its
+        page writes and fsyncs: the state's disk)."""
 
     def role_changed(self, old_role: str, new_role: str) -> None: ...
 
@@ -719,9 +720,10 @@ class RaftNode:
                         if applied is not None:
                             self._events.before_commit(transaction, applied)
                             batches.append(applied)
+                    committing = monotonic_time()
                 committed = monotonic_time()
                 self._events.after_commit()
-            self._events.applied(batches, committed - started)
+            self._events.applied(batches, committed - started, committed - committing)
         except BaseException as error:  # noqa: BLE001 - any failure here must stop the node, not wedge it
             hint = full_disk_hint(self._store.path, error)
             logger.critical("apply of index %d failed; stopping: %r%s", index, error, hint, exc_info=True)

@@ -214,6 +214,7 @@ def test_every_node_applies_verifies_and_counts_the_transfers(network, traffic):
         assert grew(name, "tonle_batch_entries", "tonle_batch_entries_count") >= 1, name
         assert grew(name, "tonle_batch_entries", "tonle_batch_entries_sum") >= driven, name
         assert grew(name, "tonle_commit_apply_seconds", "tonle_commit_apply_seconds_count") >= 1, name
+        assert grew(name, "tonle_state_commit_seconds", "tonle_state_commit_seconds_count") >= 1, name
         assert grew(name, "tonle_signatures_verified", "tonle_signatures_verified_total") >= transfers_per_node, name
         # Every node read ahead the two accounts of each transfer it took in, and dropped no read-ahead.
         assert grew(name, "tonle_accounts_read_ahead", "tonle_accounts_read_ahead_total") >= 2 * transfers_per_node, name

@@ -44,7 +44,7 @@ class _Events(RaftEvents):
         self.apply_allowed = threading.Event()  # cleared by a test to hold this node's apply
         self.apply_allowed.set()
 
-    def applied(self, batches, transaction_seconds) -> None:
+    def applied(self, batches, transaction_seconds, commit_seconds) -> None:
         self.applied_indexes.extend(batch.index for batch in batches)
         self.transaction_batches.append(len(batches))
 

@@ -44,6 +44,7 @@ commit_path_histograms = (
     "tonle_commit_replication_seconds",
     "tonle_journal_fsync_seconds",
     "tonle_commit_apply_seconds",
+    "tonle_state_commit_seconds",
 )
 
 
