@@ -152,26 +152,12 @@ def _leader(nodes) -> RaftNode:
     return next(node for node in nodes if node.is_leader())
 
 
-def _open_accounts_one_entry_each(network, count: int) -> RaftNode:
-    """Propose `count` one-entry batches to the leader and wait until every node applied them."""
-    nodes, stores, events, sends, genesis, key = network
-    leader = _leader(nodes)
-    applied_on_leader = threading.Semaphore(0)
-    for number in range(count):
-        entry = sign_entry(OpenAccount(f"a{number}@nbc", "KHR"), cluster_id=genesis.cluster_id, signer="nbc", signing_key=key)
-        leader.propose(encode_batch(Batch(1, None, (entry,))), lambda committed, reason: applied_on_leader.release())
-    for _ in range(count):
-        assert applied_on_leader.acquire(timeout=wait_seconds), "the leader to apply every proposal"
-    target = stores[nodes.index(leader)].summary().applied_index
-    _wait(lambda: all(store.summary().applied_index >= target for store in stores), "every node to apply")
-    return leader
-
-
 def test_the_leader_sends_entries_before_its_own_fsync_yet_no_node_applies_an_entry_not_on_its_disk(
     handovers, network
 ):
     nodes, stores, events, sends, genesis, key = network
-    _open_accounts_one_entry_each(network, 20)
+    last = _propose_accounts(_leader(nodes), genesis, key, [f"a{number}" for number in range(20)])
+    _wait(lambda: all(store.summary().applied_index >= last for store in stores), "every node to apply")
     # The leader's disk and the followers' work at once (Raft thesis 10.2.1)...
     appends = [send for send in sends if send["type"] == "append_entries" and send["message"].get("entries")]
     assert any(send["dirty_after"] for send in appends), "the leader's entries waited for its own fsync"
@@ -182,7 +168,9 @@ def test_the_leader_sends_entries_before_its_own_fsync_yet_no_node_applies_an_en
 
 def test_followers_acknowledge_entries_only_after_their_journal_is_durable_and_votes_after_the_vote_is(network):
     nodes, stores, events, sends, genesis, key = network
-    leader = _open_accounts_one_entry_each(network, 20)
+    leader = _leader(nodes)
+    last = _propose_accounts(leader, genesis, key, [f"a{number}" for number in range(20)])
+    _wait(lambda: all(store.summary().applied_index >= last for store in stores), "every node to apply")
     acknowledgements = [send for send in sends if send["type"] == "next_node_idx" and send["message"]["success"]]
     assert acknowledgements, "no follower acknowledged anything"
     assert all(not send["dirty_after"] for send in acknowledgements)
