@@ -483,6 +483,12 @@ _settings: dict[str, dict[str, _Setting]] = {
             maximum=schema.batch_delay_microseconds_max,
         ),
         "queue_entries_max": _Setting(int, schema.queue_entries_max_default, minimum=schema.queue_entries_max_min),
+        "partial_batches_in_flight_max": _Setting(
+            int,
+            schema.partial_batches_in_flight_max_default,
+            minimum=schema.partial_batches_in_flight_max_min,
+            maximum=schema.partial_batches_in_flight_max_max,
+        ),
     },
     "api": {
         "frame_bytes_max": _Setting(

@@ -74,6 +74,12 @@ batch_delay_microseconds_min = 0
 batch_delay_microseconds_max = 100000
 queue_entries_max_default = 20000
 queue_entries_max_min = 1
+# Group commit: how many proposals may be awaiting their apply on the leader when it proposes a batch that is
+# not full (node/server.py, partial_batch_may_go). The best value depends on where the machine's time goes
+# (README, Performance: latency); the maximum is the node's bound on proposals in flight.
+partial_batches_in_flight_max_default = 3
+partial_batches_in_flight_max_min = 1
+partial_batches_in_flight_max_max = 32
 
 frame_bytes_max_default = 2**20
 frame_bytes_max_min = 1024
@@ -317,6 +323,7 @@ class ProposerConfig:
     batch_bytes_max: int
     batch_delay_microseconds: int
     queue_entries_max: int
+    partial_batches_in_flight_max: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -258,7 +258,9 @@ class LocalCluster:
                 key_file=node_directory / "node.key",
                 storage=storage or StorageConfig(map_size_bytes=local_map_size_bytes, sync=True),
                 raft=raft,
-                proposer=proposer or ProposerConfig(batch_bytes_max=49152, batch_delay_microseconds=1000, queue_entries_max=20000),
+                proposer=proposer or ProposerConfig(
+                    batch_bytes_max=49152, batch_delay_microseconds=1000, queue_entries_max=20000, partial_batches_in_flight_max=3
+                ),
                 api=api or ApiConfig(frame_bytes_max=1 << 20, connections_max=512, request_timeout_ms=10000),
                 log=LogConfig(level="info", format=log_format),
                 open_api=OpenApiConfig(f"127.0.0.1:{open_api_ports[spec.name]}", tokens_file),

@@ -46,14 +46,6 @@ logger = logging.getLogger("tonle.node")
 
 # Bounds on what one node holds in memory on behalf of clients.
 proposals_in_flight_max = 32
-# Group commit: a batch that is not full is proposed only while fewer than this many proposals are awaiting
-# their apply on the leader; otherwise its entries keep gathering until one is applied. Alone, a transfer goes
-# at once; under load batches grow by themselves, so each node pays its per-batch costs (fsyncs, a Raft
-# message, an LMDB commit) for many transfers instead of a few, and the leader keeps up at any offered rate
-# below peak. Measured with `tonle bench` (p99 at 50 % of peak): with the apply on pysyncobj's tick thread,
-# 1 gave 85 ms, 2 gave 46-70 ms, 32 (no limit) 282 ms; with the apply on its own thread, 2 gave 38-57 ms
-# and 3 gave 16-51 ms (three runs each), 4 gave 80 ms.
-partial_batches_in_flight_max = 3
 outcome_waiters_max = 200_000
 # A batch carries the state hash at the leader's last applied index, which is at most `proposals_in_flight_max`
 # batches (and an election's no-ops) before the batch itself: every replica compares it when it applies the
@@ -72,10 +64,20 @@ forward_timeout_seconds = 5.0
 _linked_flag = int(TransferFlags.LINKED)  # a plain int: enum operations per entry are slow
 
 
-def partial_batch_may_go(proposals_in_flight: int, due_microseconds: int | None, now_microseconds: int) -> bool:
+def partial_batch_may_go(
+    proposals_in_flight: int, due_microseconds: int | None, now_microseconds: int, partial_batches_in_flight_max: int
+) -> bool:
     """Group commit: whether a batch that is not full is proposed now. Alone it goes at once; otherwise only
     once its gathering delay has passed and while fewer than `partial_batches_in_flight_max` proposals await
-    their apply (full batches are not held back)."""
+    their apply on the leader (`[proposer]` setting; full batches are not held back). Held back, its entries
+    keep gathering until one is applied: under load batches grow by themselves, so each node pays its
+    per-batch costs (fsyncs, a Raft message, an LMDB commit: about 10 ms of CPU per batch in a local network
+    of three, README, Performance) for many transfers instead of a few.
+
+    Measured with the apply on its own thread (p99 at 50 % of peak, `tonle bench`): 2 gave 38-57 ms, 3 gave
+    16-51 ms, 4 gave 80 ms on a machine where that load left CPU to spare; on one where it did not (a fixed
+    1,000 transfers/s, three alternating rounds), 1 gave 90-135 ms, 2 gave 104-147 and 3 gave 154-335 ms:
+    batches in flight together share the CPU, and when it is short each takes that much longer."""
     if proposals_in_flight == 0:
         return True
     if proposals_in_flight >= partial_batches_in_flight_max:
@@ -655,7 +657,7 @@ class LedgerNode:
         if not self._proposals or self.proposer.has_full_batch():
             self._flush_handle = self.loop.call_soon(self._flush)
             return
-        if len(self._proposals) >= partial_batches_in_flight_max:
+        if len(self._proposals) >= self.config.proposer.partial_batches_in_flight_max:
             return  # the next commit (`_proposal_done`) calls again
         due = self.proposer.due_microseconds()
         if due is None:
@@ -673,7 +675,9 @@ class LedgerNode:
         while len(self.proposer) and len(self._proposals) < proposals_in_flight_max:
             due = self.proposer.due_microseconds()
             now = _now_microseconds()
-            if not self.proposer.has_full_batch() and not partial_batch_may_go(len(self._proposals), due, now):
+            if not self.proposer.has_full_batch() and not partial_batch_may_go(
+                len(self._proposals), due, now, self.config.proposer.partial_batches_in_flight_max
+            ):
                 break
             started = time.perf_counter()
             oldest = self.proposer.oldest_enqueued_microseconds

@@ -505,7 +505,7 @@ def test_defaults_apply_when_only_the_node_section_is_given(tmp_path: Path) -> N
     assert (config.raft.connection_retry_ms, config.raft.leader_fallback_timeout_ms) == (500, 4000)
     assert (config.raft.log_compaction_entries, config.raft.log_compaction_interval_seconds) == (20000, 3600)
     assert (config.proposer.batch_bytes_max, config.proposer.batch_delay_microseconds) == (49152, 1000)
-    assert config.proposer.queue_entries_max == 20000
+    assert (config.proposer.queue_entries_max, config.proposer.partial_batches_in_flight_max) == (20000, 3)
     assert (config.api.frame_bytes_max, config.api.connections_max, config.api.request_timeout_ms) == (
         2**20,
         512,
@@ -616,6 +616,8 @@ def test_missing_required_node_keys_are_each_reported(tmp_path: Path) -> None:
         ("proposer", "batch_delay_microseconds", schema.batch_delay_microseconds_min - 1, "must be 0..100000, got -1"),
         ("proposer", "batch_delay_microseconds", schema.batch_delay_microseconds_max + 1, "must be 0..100000"),
         ("proposer", "queue_entries_max", schema.queue_entries_max_min - 1, "must be >= 1, got 0"),
+        ("proposer", "partial_batches_in_flight_max", schema.partial_batches_in_flight_max_min - 1, "must be 1..32, got 0"),
+        ("proposer", "partial_batches_in_flight_max", schema.partial_batches_in_flight_max_max + 1, "must be 1..32, got 33"),
         ("api", "frame_bytes_max", schema.frame_bytes_max_min - 1, "must be 1024..67108864, got 1023"),
         ("api", "frame_bytes_max", schema.frame_bytes_max_max + 1, "must be 1024..67108864, got 67108865"),
         ("api", "connections_max", schema.connections_max_min - 1, "must be >= 1, got 0"),
@@ -648,6 +650,7 @@ def test_every_limit_value_itself_is_accepted(tmp_path: Path) -> None:
         "batch_bytes_max": schema.batch_bytes_max_max,
         "batch_delay_microseconds": schema.batch_delay_microseconds_min,
         "queue_entries_max": schema.queue_entries_max_min,
+        "partial_batches_in_flight_max": schema.partial_batches_in_flight_max_min,
     }
     document["api"] = {
         "frame_bytes_max": schema.frame_bytes_max_max,
@@ -656,11 +659,14 @@ def test_every_limit_value_itself_is_accepted(tmp_path: Path) -> None:
     }
     config = load_node(tmp_path, document)
     assert config.raft.heartbeat_interval_ms == 10 and config.proposer.batch_bytes_max == 57344
+    assert config.proposer.partial_batches_in_flight_max == 1
     document["proposer"]["batch_bytes_max"] = schema.batch_bytes_max_min
     document["api"]["frame_bytes_max"] = schema.frame_bytes_max_min
     document["proposer"]["batch_delay_microseconds"] = schema.batch_delay_microseconds_max
+    document["proposer"]["partial_batches_in_flight_max"] = schema.partial_batches_in_flight_max_max
     config = load_node(tmp_path, document)
     assert config.api.frame_bytes_max == 1024 and config.proposer.batch_delay_microseconds == 100000
+    assert config.proposer.partial_batches_in_flight_max == 32
 
 
 @pytest.mark.parametrize(
