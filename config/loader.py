@@ -433,7 +433,7 @@ class _Setting:
     default: int | bool | str | None
     minimum: int | None = None
     maximum: int | None = None
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # for a bool: the strings it also accepts
 
 
 _settings: dict[str, dict[str, _Setting]] = {
@@ -450,7 +450,7 @@ _settings: dict[str, dict[str, _Setting]] = {
             int, schema.page_aging_interval_ms_default, minimum=0, maximum=schema.page_aging_interval_ms_max
         ),
         "read_ahead": _Setting(bool, schema.read_ahead_default),
-        "drop_dead_copies": _Setting(bool, schema.drop_dead_copies_default),
+        "drop_dead_copies": _Setting(bool, schema.drop_dead_copies_default, choices=(schema.drop_dead_copies_auto,)),
     },
     "raft": {
         "election_timeout_min_ms": _Setting(
@@ -576,11 +576,12 @@ def _collect_environment_values(environ: Mapping[str, str], values: _Values, pro
         if setting is None or section_part != section_name.upper() or key_part != key.upper():
             problems.append(ConfigProblem(source, f"{section_name}.{key}", "unknown configuration key"))
         else:
-            parsed = _parse_environment_value(environ[variable], setting.kind)
+            parsed = _parse_environment_value(environ[variable], setting)
             values[(section_name, key)] = _Value(parsed, source, working_directory)
 
 
-def _parse_environment_value(text: str, kind: type) -> object:
+def _parse_environment_value(text: str, setting: _Setting) -> object:
+    kind = setting.kind
     if kind is int:
         if not environment_integer_pattern.fullmatch(text):
             return _Unparsable(f"expected an integer (optional '-' then decimal digits), got {text!r}")
@@ -588,8 +589,10 @@ def _parse_environment_value(text: str, kind: type) -> object:
             return _Unparsable(f"must be {schema.integer_value_min}..{schema.integer_value_max}, got {text}")
         return int(text)
     if kind is bool:
+        if text in setting.choices:
+            return text
         if text not in ("true", "false"):
-            return _Unparsable(f"expected true or false, got {text!r}")
+            return _Unparsable(f"expected {' or '.join(('true', 'false', *setting.choices))}, got {text!r}")
         return text == "true"
     return text
 
@@ -637,7 +640,10 @@ def _setting_message(value: object, setting: _Setting) -> str | None:
             return f"expected an integer, got {_describe(value)}"
         return _range_message(value, setting.minimum, setting.maximum)
     if setting.kind is bool:
-        return None if isinstance(value, bool) else f"expected a boolean, got {_describe(value)}"
+        if isinstance(value, bool) or (isinstance(value, str) and value in setting.choices):
+            return None
+        alternatives = "".join(f" or {choice!r}" for choice in setting.choices)
+        return f"expected a boolean{alternatives}, got {_describe(value)}"
     if not isinstance(value, str):
         return f"expected a string, got {_describe(value)}"
     if setting.choices and value not in setting.choices:

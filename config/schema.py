@@ -45,8 +45,11 @@ page_aging_interval_ms_default = 2000
 page_aging_interval_ms_max = 60_000
 # Whether a node reads the accounts entries name into memory ahead of the apply (node/verifier.py).
 read_ahead_default = True
-# Whether a node drops the pages each apply commit freed from memory (node/page_aging.py, DeadCopyDropper).
-drop_dead_copies_default = True
+# Whether a node drops the pages each apply commit freed from memory (node/page_aging.py, DeadCopyDropper):
+# true, false, or "auto": only while the node runs under a memory limit (node/memory_limit.py). Without one,
+# the kernel takes page cache back from whatever needs memory, and dropping costs CPU for nothing.
+drop_dead_copies_auto = "auto"
+drop_dead_copies_default: bool | str = drop_dead_copies_auto
 
 election_timeout_min_ms_default = 1000
 election_timeout_min_ms_min = 100
@@ -303,7 +306,7 @@ class StorageConfig:
     sync: bool
     page_aging_interval_ms: int = page_aging_interval_ms_default
     read_ahead: bool = read_ahead_default
-    drop_dead_copies: bool = drop_dead_copies_default
+    drop_dead_copies: bool | str = drop_dead_copies_default
 
 
 @dataclass(frozen=True, slots=True)

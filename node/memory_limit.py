@@ -130,3 +130,58 @@ def drop_from_page_cache(directory: Path) -> int:
         finally:
             os.close(descriptor)
     return dropped
+
+
+def own_memory_limit_bytes(
+    cgroup_file: Path = Path("/proc/self/cgroup"),
+    v1_memory_root: Path = cgroup_v1_memory_root,
+    v2_root: Path = cgroup_v2_roots[0],
+    meminfo_file: Path = Path("/proc/meminfo"),
+) -> int | None:
+    """The tightest memory limit on this process: its memory cgroup's or an ancestor's (systemd's MemoryMax= on
+    the unit or its slice, a container's limit), or None when none is set below the machine's memory.
+
+    Read from the cgroup files of either version; a file that cannot be read counts as no limit there."""
+    try:
+        lines = cgroup_file.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[int] = []
+    for line in lines:
+        _hierarchy, _, rest = line.partition(":")
+        controllers, _, relative = rest.partition(":")
+        if controllers == "":
+            limits.extend(_limits_up_from(v2_root, relative, "memory.max"))
+        elif "memory" in controllers.split(","):
+            limits.extend(_limits_up_from(v1_memory_root, relative, "memory.limit_in_bytes"))
+    machine_bytes = _machine_memory_bytes(meminfo_file)
+    tightest = min(limits, default=None)
+    if tightest is None or (machine_bytes is not None and tightest >= machine_bytes):
+        return None  # cgroup v1 writes "no limit" as a number near 2**63
+    return tightest
+
+
+def _limits_up_from(root: Path, relative: str, file_name: str) -> list[int]:
+    """The numeric limits in `file_name` of the cgroup at `relative` under `root` and of its ancestors."""
+    limits = []
+    directory = root / relative.strip("/")
+    while True:
+        try:
+            text = (directory / file_name).read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit():
+            limits.append(int(text))
+        if directory == root or root not in directory.parents:
+            return limits
+        directory = directory.parent
+
+
+def _machine_memory_bytes(meminfo_file: Path) -> int | None:
+    try:
+        for line in meminfo_file.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024  # the kernel counts it in KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

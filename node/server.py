@@ -7,13 +7,14 @@ import logging
 import os
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import lmdb
 
 from config.keys import load_signing_key
-from config.schema import Address, Genesis, NodeConfig, NodeRole, NodeSpec
+from config.schema import Address, Genesis, NodeConfig, NodeRole, NodeSpec, drop_dead_copies_auto
 from consensus.batch import Batch, Checkpoint, encode_batch
 from consensus.codec import pack
 from consensus.entries import Body, EntryError, SignedEntry, Transfer, TransferFlags, decode_entry, entry_key
@@ -22,6 +23,7 @@ from consensus.raft.adapter import RaftEvents, RaftNode
 from node.failpoints import enabled_failpoints
 from node.heads import HeadSignatures
 from node.indexer import EntryHashIndexer
+from node.memory_limit import own_memory_limit_bytes
 from node.metrics import NodeMetrics
 from node.page_aging import DeadCopyDropper, PageAger, PageAgingUnavailable
 from node.protocol import (
@@ -83,6 +85,21 @@ def partial_batch_may_go(
     if proposals_in_flight >= partial_batches_in_flight_max:
         return False
     return due_microseconds is None or now_microseconds >= due_microseconds
+
+
+def dead_copies_are_dropped(setting: bool | str, memory_limit_bytes: Callable[[], int | None]) -> bool:
+    """`[storage] drop_dead_copies`: true or false, or "auto": while the node runs under a memory limit, read
+    once at start. Unconfined, the kernel takes page cache back from whatever needs memory, so dropping the
+    copies at once only costs CPU: at a fixed 1,000 transfers/s on a 10 k-account network, p99 went from
+    213-237 ms with it to 146-170 ms without (README, Performance)."""
+    if setting != drop_dead_copies_auto:
+        return setting is True
+    limit = memory_limit_bytes()
+    if limit is None:
+        logger.info("dead page copies are left to the kernel: this node runs under no memory limit")
+        return False
+    logger.info("dead page copies are dropped after each commit: this node runs under a %d-byte memory limit", limit)
+    return True
 
 
 class StartupError(RuntimeError):
@@ -282,7 +299,7 @@ class LedgerNode:
         self.heads = HeadSignatures(self)
         self.page_ager: PageAger | None = None
         self.dead_copies: DeadCopyDropper | None = None
-        if config.storage.drop_dead_copies:
+        if dead_copies_are_dropped(config.storage.drop_dead_copies, own_memory_limit_bytes):
             try:
                 self.dead_copies = DeadCopyDropper(self.store)
             except PageAgingUnavailable as error:

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from config.schema import StorageConfig
 from node.admin import (
     admin_connections_max,
     peer_status_timeout_seconds,
@@ -32,6 +33,7 @@ from node.metrics import NodeMetrics
 from node.monitoring import write_prometheus_config
 from node.server import stale_reader_check_interval_seconds
 from node.status_page import browser_window_size_default, load_in_chromium
+from tests.cluster.conftest import start_cluster, stop_everything
 from tests.unit.test_stale_readers import leave_a_dead_reader
 
 pytestmark = pytest.mark.cluster
@@ -134,6 +136,18 @@ class Traffic:
 
     def grew(self, name: str, family: str, sample: str | None = None, **labels: str) -> float:
         return value(self.after[name], family, sample, **labels) - value(self.before[name], family, sample, **labels)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """This module's network, its nodes set to drop their dead page copies: unconfined, as here, `auto` leaves
+    them to the kernel, and the counter must be seen to count."""
+    storage = StorageConfig(map_size_bytes=local_map_size_bytes, sync=True, drop_dead_copies=True)
+    network = start_cluster(tmp_path_factory.mktemp("shared") / "network", storage=storage)
+    try:
+        yield network
+    finally:
+        stop_everything(network)
 
 
 @pytest.fixture(scope="module")

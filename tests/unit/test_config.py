@@ -989,3 +989,25 @@ def test_a_joining_node_needs_every_join_key_and_valid_addresses(tmp_path: Path)
 
     _, problems = node_problems(tmp_path, change)
     assert sorted(problem.key for problem in problems) == ["join.admin_address", "join.client_address"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), (True, True), (False, False)])
+def test_drop_dead_copies_takes_auto_or_a_boolean_from_the_file(tmp_path: Path, value: object, expected: object) -> None:
+    document = node_document()
+    document["storage"] = {"drop_dead_copies": value}
+    assert load_node(tmp_path, document).storage.drop_dead_copies == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("auto", "auto"), ("true", True), ("false", False)])
+def test_drop_dead_copies_takes_auto_or_a_boolean_from_the_environment(tmp_path: Path, text: str, expected: object) -> None:
+    config = load_node(tmp_path, node_document(), {"TONLE_STORAGE__DROP_DEAD_COPIES": text})
+    assert config.storage.drop_dead_copies == expected
+
+
+def test_drop_dead_copies_refuses_other_strings_naming_what_it_takes(tmp_path: Path) -> None:
+    _, problems = node_problems(tmp_path, set_in("storage", "drop_dead_copies", "sometimes"))
+    assert only_problem(problems).message == "expected a boolean or 'auto', got string 'sometimes'"
+    _, problems = node_problems(tmp_path, environ={"TONLE_STORAGE__DROP_DEAD_COPIES": "Auto"})
+    assert only_problem(problems).message == "expected true or false or auto, got 'Auto'"
+    _, problems = node_problems(tmp_path, environ={"TONLE_STORAGE__SYNC": "auto"})
+    assert only_problem(problems).message == "expected true or false, got 'auto'"

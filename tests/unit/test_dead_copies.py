@@ -18,7 +18,7 @@ from config import schema
 from config.loader import load_node_config
 from node.cluster import LocalCluster
 from node.page_aging import DeadCopyDropper, PageAgingUnavailable, ProcessPageOut, page_runs, whole_mapping_of
-from node.server import LedgerNode
+from node.server import LedgerNode, dead_copies_are_dropped
 from storage.free_pages import FreePagesUnreadable, freed_by_newest_commit, freed_pages_per_commit_max
 from storage.state import LedgerStore
 from tests.ledger_fixtures import put_random_accounts
@@ -327,14 +327,14 @@ def test_a_node_whose_dropper_fails_warns_and_goes_on_without_it(tmp_path: Path,
     cluster = LocalCluster.create(tmp_path / "network", validators=1, institutions=0)
     node_spec = next(iter(cluster.nodes.values()))
     config, genesis = load_node_config(node_spec.config)
-    assert config.storage.drop_dead_copies == schema.drop_dead_copies_default is True
+    assert config.storage.drop_dead_copies == schema.drop_dead_copies_default == "auto"
     off = LedgerNode(replace(config, storage=replace(config.storage, drop_dead_copies=False)), genesis)
     try:
         assert off.dead_copies is None
         off.drop_dead_copies()  # nothing to do
     finally:
         off.close()
-    node = LedgerNode(config, genesis)
+    node = LedgerNode(replace(config, storage=replace(config.storage, drop_dead_copies=True)), genesis)
     try:
         assert node.dead_copies is not None
         with node.store.write() as transaction:
@@ -352,3 +352,16 @@ def test_a_node_whose_dropper_fails_warns_and_goes_on_without_it(tmp_path: Path,
         node.drop_dead_copies()
     finally:
         node.close()
+
+
+def test_auto_drops_dead_copies_only_under_a_memory_limit() -> None:
+    assert not dead_copies_are_dropped("auto", lambda: None)
+    assert dead_copies_are_dropped("auto", lambda: 300 * 2**20)
+
+
+def test_true_and_false_drop_dead_copies_whatever_the_memory_limit() -> None:
+    def unread() -> int | None:
+        raise AssertionError("an explicit setting must not read the limit")
+
+    assert dead_copies_are_dropped(True, unread)
+    assert not dead_copies_are_dropped(False, unread)
