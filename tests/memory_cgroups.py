@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from node.memory_limit import MemoryCgroup, MemoryLimitUnavailable
@@ -14,3 +16,12 @@ def memory_cgroup_or_skip(limit_bytes: int) -> MemoryCgroup:
         return MemoryCgroup.create("test", limit_bytes)
     except MemoryLimitUnavailable as error:
         pytest.skip(f"memory cgroups need root and a memory controller: {error}")
+
+
+@pytest.fixture
+def cgroups() -> Iterator[list[MemoryCgroup]]:
+    """A list a test appends the cgroups it made to; each is removed after the test (its processes gone)."""
+    made: list[MemoryCgroup] = []
+    yield made
+    for cgroup in made:
+        cgroup.remove()

@@ -3,7 +3,6 @@ to the kernel outside one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from node.cluster import LocalCluster
 from node.memory_limit import MemoryCgroup
 from tests.cluster.conftest import _remember, stop_everything
-from tests.memory_cgroups import memory_cgroup_or_skip
+from tests.memory_cgroups import cgroups, memory_cgroup_or_skip  # noqa: F401 - cgroups is a fixture
 
 pytestmark = pytest.mark.cluster
 
 confined_limit_bytes = 2**30  # far above what a node of this size uses: the limit only has to exist
 deadline_seconds = 120.0
-
-
-@pytest.fixture
-def cgroups() -> Iterator[list[MemoryCgroup]]:
-    made: list[MemoryCgroup] = []
-    yield made
-    for cgroup in made:
-        cgroup.remove()
 
 
 def dead_pages_dropped(cluster: LocalCluster, name: str) -> float:

@@ -6,24 +6,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from node.memory_limit import MemoryCgroup, drop_from_page_cache, own_memory_limit_bytes
-from tests.memory_cgroups import memory_cgroup_or_skip
+from tests.memory_cgroups import cgroups, memory_cgroup_or_skip  # noqa: F401 - cgroups is a fixture
 
 mebibyte = 2**20
 process_seconds_max = 60.0
-
-
-@pytest.fixture
-def cgroups() -> Iterator[list[MemoryCgroup]]:
-    made: list[MemoryCgroup] = []
-    yield made
-    for cgroup in made:
-        cgroup.remove()
 
 
 def _limited(cgroups: list[MemoryCgroup], limit_bytes: int) -> MemoryCgroup:
