@@ -41,6 +41,7 @@ from config.schema import (
     RaftConfig,
     Role,
     StorageConfig,
+    partial_batches_in_flight_max_default,
 )
 from consensus.entries import Body, Issue, OpenAccount, Transfer, sign_entry
 from node.client import Client, new_transfer_id
@@ -259,7 +260,8 @@ class LocalCluster:
                 storage=storage or StorageConfig(map_size_bytes=local_map_size_bytes, sync=True),
                 raft=raft,
                 proposer=proposer or ProposerConfig(
-                    batch_bytes_max=49152, batch_delay_microseconds=1000, queue_entries_max=20000, partial_batches_in_flight_max=3
+                    batch_bytes_max=49152, batch_delay_microseconds=1000, queue_entries_max=20000,
+                    partial_batches_in_flight_max=partial_batches_in_flight_max_default,
                 ),
                 api=api or ApiConfig(frame_bytes_max=1 << 20, connections_max=512, request_timeout_ms=10000),
                 log=LogConfig(level="info", format=log_format),
