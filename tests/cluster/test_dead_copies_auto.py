@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.cluster import LocalCluster
-from node.memory_limit import MemoryCgroup
+from node.memory_limit import MemoryCgroup, own_memory_limit_bytes
 from tests.cluster.conftest import _remember, stop_everything
 from tests.memory_cgroups import cgroups, memory_cgroup_or_skip  # noqa: F401 - cgroups is a fixture
 
@@ -35,7 +35,10 @@ def test_auto_drops_dead_copies_in_a_memory_cgroup_and_not_outside_one(
     cgroups.append(cgroup)
     cluster = LocalCluster.create(tmp_path / "network", validators=3, institutions=1, institution_nodes=False)
     _remember(request, cluster)
-    confined, *unconfined = cluster.validators()
+    confined, *others = cluster.validators()
+    # The other nodes run where this test runs: under no limit on a bare machine, under its limit in a
+    # container that has one (and then "auto" drops there too).
+    others_limited = own_memory_limit_bytes() is not None
     try:
         cluster.start(memory_cgroups={confined: cgroup})
         leader = cluster.wait_for_leader(timeout_seconds=deadline_seconds)
@@ -43,10 +46,12 @@ def test_auto_drops_dead_copies_in_a_memory_cgroup_and_not_outside_one(
         cluster.open_and_fund_accounts(via=leader)  # every node applies and commits these
         cluster.wait_converged(timeout_seconds=deadline_seconds)
         assert dead_pages_dropped(cluster, confined) >= 1
-        for name in unconfined:
-            assert dead_pages_dropped(cluster, name) == 0, name
+        for name in others:
+            assert (dead_pages_dropped(cluster, name) >= 1) is others_limited, name
     finally:
         stop_everything(cluster)
-    assert "dead page copies are dropped after each commit: this node runs under a" in cluster.logs([confined])
-    for name in unconfined:
-        assert "dead page copies are left to the kernel: this node runs under no memory limit" in cluster.logs([name])
+    dropping = "dead page copies are dropped after each commit: this node runs under a"
+    left = "dead page copies are left to the kernel: this node runs under no memory limit"
+    assert dropping in cluster.logs([confined])
+    for name in others:
+        assert (dropping if others_limited else left) in cluster.logs([name]), name
