@@ -161,3 +161,49 @@ def test_a_lone_entry_is_verified_on_the_callers_thread_only_while_the_pool_is_i
     finally:
         release.set()
         verifier.close()
+
+
+def _batch_sizes_around_the_prefetch_bound(network) -> tuple[list[bytes], list[bytes]]:
+    """The longest run of transfers whose batch stays below the bound, and the same run with one more."""
+    entries: list[bytes] = []
+    while True:
+        number = len(entries)
+        entry = network.sign(Transfer(tid(5000 + number), f"c{number % 8}@aba", "settlement.khr@aba", 5, "KHR"), "aba")
+        if len(batch(*entries, entry)) >= verifier_module.prefetch_batch_bytes_min:
+            return entries, [*entries, entry]
+        entries.append(entry)
+
+
+def test_a_batch_below_the_prefetch_bound_is_left_to_the_apply_which_checks_every_signature_itself(tmp_path):
+    network = make_network()
+    small, large = _batch_sizes_around_the_prefetch_bound(network)
+    assert len(batch(*small)) < verifier_module.prefetch_batch_bytes_min <= len(batch(*large))
+    forged = bytearray(small[1])
+    forged[-1] ^= 1
+    small[1] = bytes(forged)
+    verified: list[int] = []
+    read_ahead: list[int] = []
+    verifier = SignatureVerifier(threads=2, count_verified=verified.append, read_ahead=lambda bodies: read_ahead.append(len(bodies)))
+    try:
+        raw_small = batch(*small)
+        verifier.prefetch(raw_small)
+        verifier.wait_for_batch(raw_small)
+        assert verified == [] and read_ahead == [], "a small batch was handed to the pool"
+        ledger = funded_ledger(tmp_path / "ledger", network)
+        ledger.index += 1
+        with ledger.store.write() as transaction:
+            applied = apply_batch(
+                transaction, ledger.index, raw_small, verifier.is_valid, network.genesis.cluster_id, decoded=verifier.take_decoded
+            )
+        results = [outcome.result for outcome in applied.outcomes]
+        assert results[1] == "signature_invalid" and results.count("ok") == len(small) - 1
+        assert sum(verified) == len(small) and verifier.cache_hits == 0, "the apply checked each signature once"
+
+        # One entry more crosses the bound: the batch is verified (and its accounts read) ahead of the apply.
+        raw_large = batch(*large)
+        verifier.prefetch(raw_large)
+        verifier.wait_for_batch(raw_large)
+        assert sum(verified) == len(small) + len(large) and read_ahead
+        assert all(verifier.is_valid(decode_entry(raw)) for raw in large) and verifier.cache_hits == len(large)
+    finally:
+        verifier.close()
