@@ -33,6 +33,15 @@ def test_compare_runs_both_sides_at_once_and_reports_each_sides_cpu_per_transfer
     assert re.search(rf"^B \({label}-b\) against A \({label}-a\) over 1 rounds: CPU per transfer x", completed.stdout, re.M)
 
 
+def test_compare_with_a_rate_offers_that_rate_open_loop_on_both_sides() -> None:
+    completed = run_compare("--rounds", "1", "--seconds", "3", "--rate", "40", str(repository), str(repository))
+    assert completed.returncode == 0, completed.stderr
+    rates = [float(rate) for rate in re.findall(r"^round 1 +\S+ +[0-9.]+ ms CPU/transfer +([0-9.]+)/s", completed.stdout, re.M)]
+    # 40/s offered in 10 ms ticks for 3 s: 120 transfers each, all answered (none refused, none lost).
+    assert len(rates) == 2 and all(30 <= rate <= 41 for rate in rates), completed.stdout
+    assert "failed" not in completed.stdout
+
+
 def test_compare_stops_with_the_sides_error_when_one_side_is_not_a_source_tree(tmp_path: Path) -> None:
     empty = tmp_path / "not-a-tree"
     empty.mkdir()

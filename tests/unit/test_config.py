@@ -505,7 +505,7 @@ def test_defaults_apply_when_only_the_node_section_is_given(tmp_path: Path) -> N
     assert (config.raft.connection_retry_ms, config.raft.leader_fallback_timeout_ms) == (500, 4000)
     assert (config.raft.log_compaction_entries, config.raft.log_compaction_interval_seconds) == (20000, 3600)
     assert (config.proposer.batch_bytes_max, config.proposer.batch_delay_microseconds) == (49152, 1000)
-    assert (config.proposer.queue_entries_max, config.proposer.partial_batches_in_flight_max) == (20000, 3)
+    assert (config.proposer.queue_entries_max, config.proposer.partial_batches_in_flight_max) == (20000, 1)
     assert (config.api.frame_bytes_max, config.api.connections_max, config.api.request_timeout_ms) == (
         2**20,
         512,
