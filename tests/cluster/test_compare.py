@@ -29,7 +29,8 @@ def test_compare_runs_both_sides_at_once_and_reports_each_sides_cpu_per_transfer
     for _, cpu_ms, per_second, p50_ms in sides:
         assert float(cpu_ms) > 0 and float(per_second) > 0 and float(p50_ms) > 0, completed.stdout
     ratio = float(re.search(r"^round 1  B/A CPU per transfer ([0-9.]+)$", completed.stdout, re.M).group(1))
-    assert abs(ratio - float(sides[1][1]) / float(sides[0][1])) < 0.001
+    # The ratio is of the unrounded figures; the printed ones have two decimals, so it may differ a little.
+    assert abs(ratio - float(sides[1][1]) / float(sides[0][1])) < 0.005
     assert re.search(rf"^B \({label}-b\) against A \({label}-a\) over 1 rounds: CPU per transfer x", completed.stdout, re.M)
 
 
