@@ -34,7 +34,10 @@ open_loop_spare_fraction = 0.1
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and the threads it has, from /proc (comm may hold spaces: split after it)."""
+    """User + system CPU of a process and the threads it has, from /proc (comm may hold spaces: split after it).
+
+    node/bench.py has the same reading as a private helper; this file keeps its own so that it depends on no
+    more of the measured tree than the load it drives, and can measure revisions that differ there."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
