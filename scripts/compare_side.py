@@ -79,7 +79,7 @@ def main(arguments: list[str]) -> int:
             per_second = options.rate * (1 + open_loop_spare_fraction) if options.rate else one_in_flight_per_second_max
             workload = Workload(cluster, int(per_second * options.seconds) + 1_000, 1)
             leader = cluster.wait_for_leader()
-            pids = [node.pid for node in cluster.nodes.values() if node.pid]
+            pids = [member.pid for member in cluster.nodes.values() if member.pid]
             options.ready.touch()
             wait_for(options.go, barrier_wait_seconds_max)
             cpu_before = sum(process_cpu_seconds(pid) for pid in pids)
